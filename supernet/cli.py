@@ -1,0 +1,156 @@
+"""``supernet`` command line: one subcommand per stage, each ``setup -> run -> save``.
+
+Errors a user can cause end as one line on stderr (``supernet: error: ...``) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from supernet.errors import SupernetError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        raise SupernetError(f"{self.prog}: {message}")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+TRAIN_FLAGS: list[tuple[str, dict]] = [
+    ("model", {"help": "built-in name (minilm, smollm2), local folder or Hub id [minilm]"}),
+    ("dataset", {"help": "built-in (rotten-tomatoes, sms-spam), CSV/JSON/parquet path or Hub id [rotten-tomatoes]"}),
+    ("task", {"choices": ["seq-cls", "causal-lm"], "help": "default: causal-lm for *ForCausalLM checkpoints"}),
+    ("text-column", {"help": "[text]"}),
+    ("label-column", {"help": "[label]"}),
+    ("prompt", {"help": "causal-LM prompt containing {text}"}),
+    ("target-modules", {"type": _csv, "help": "comma-separated name patterns (re:<regex> allowed)"}),
+    ("ranks", {"help": "rank choices, e.g. 32,24,16"}),
+    ("alpha", {"type": float, "help": "LoRA alpha [32]"}),
+    ("scaling", {"choices": ["fixed", "lora", "rora"], "help": "alpha/r_max, alpha/r or alpha/sqrt(r) [lora]"}),
+    ("dropout", {"type": float}),
+    ("groups", {"help": "block, module, global or a JSON file {group: [patterns]} [block]"}),
+    ("sampler", {"choices": ["uniform", "sandwich"], "help": "[uniform]"}),
+    ("sandwich-random", {"type": int, "help": "random configs per sandwich step [2]"}),
+    ("max-steps", {"type": int}),
+    ("batch-size", {"type": int}),
+    ("grad-accum", {"type": int}),
+    ("lr", {"type": float}),
+    ("weight-decay", {"type": float}),
+    ("warmup-ratio", {"type": float}),
+    ("max-grad-norm", {"type": float}),
+    ("max-length", {"type": int}),
+    ("train-samples", {"type": int}),
+    ("eval-samples", {"type": int}),
+    ("eval-every", {"type": int}),
+    ("save-every", {"type": int}),
+    ("seed", {"type": int}),
+    ("mixed-precision", {"choices": ["auto", "no", "bf16", "fp16"]}),
+    ("name", {"help": "run name: the run goes to OUT/NAME [MODEL-DATASET]"}),
+    ("out", {"help": "folder of runs [runs]"}),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="supernet", description="Weight-sharing super-networks of low-rank adapters.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a super-network (NLS: one sub-adapter per step)")
+    t.add_argument("--config", help="YAML or JSON file of training options (flags override it)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    for flag, kw in TRAIN_FLAGS:
+        t.add_argument(f"--{flag}", default=argparse.SUPPRESS, **kw)
+
+    e = sub.add_parser("eval", help="evaluate one sub-network of a run; prints one JSON line")
+    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--subnet", default="max", help="max, mid, min or a JSON file {group: rank}")
+    e.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    e.add_argument("--predictions", help="write per-example predictions and logits to this CSV")
+    e.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    e.add_argument("--batch-size", type=int, default=64)
+    return p
+
+
+def _read_options_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SupernetError(f"config file {path!r} does not exist")
+    import yaml
+
+    try:
+        data = yaml.safe_load(p.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as e:
+        raise SupernetError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SupernetError(f"config file {path!r} must hold a mapping of options")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from supernet.train import TrainConfig, parse_int_list, resume, train
+
+    options = _read_options_file(args.config) if args.config else {}
+    flags = {f.replace("-", "_") for f, _ in TRAIN_FLAGS}
+    options.update({k: v for k, v in vars(args).items() if k in flags})
+    if isinstance(options.get("ranks"), str):
+        options["ranks"] = parse_int_list(options["ranks"], "--ranks")
+    if isinstance(options.get("target_modules"), str):
+        options["target_modules"] = _csv(options["target_modules"])
+    if args.resume:
+        extra = set(options) - {"max_steps"}
+        if extra:
+            raise SupernetError("--resume continues a run with its saved options; only --max-steps may change")
+        summary = resume(args.resume, options.get("max_steps"))
+        run_dir = args.resume
+    else:
+        cfg = TrainConfig.from_dict(options)
+        summary = train(cfg, overwrite=args.overwrite)
+        run_dir = str(cfg.run_dir())
+    if summary:
+        print(json.dumps({"run": run_dir, **summary}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from supernet.evaluate import eval_run
+
+    if args.batch_size <= 0:
+        raise SupernetError("--batch-size must be positive")
+    out = eval_run(args.run, args.subnet, args.split, args.predictions, args.limit, args.batch_size)
+    print(json.dumps(out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _quiet_libraries()
+        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+    except SupernetError as e:
+        print(f"supernet: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("supernet: interrupted; continue with `supernet train --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

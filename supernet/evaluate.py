@@ -1,0 +1,82 @@
+"""Evaluate one sub-network of a trained run: ``supernet eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from supernet import run as runio
+from supernet.errors import SupernetError
+from supernet.space import load_config_file
+from supernet.train import Setup, TrainConfig, build
+
+
+def load_run(run_dir: str | Path) -> tuple[Setup, dict]:
+    """Rebuild a run's super-network from ``config.json`` and load its trained weights."""
+    record = runio.read_run_config(run_dir)
+    try:
+        cfg = TrainConfig.from_dict(record["train"])
+    except TypeError as e:
+        raise SupernetError(f"run config of {str(run_dir)!r} is corrupt: {e}") from None
+    weights = runio.weights_path(run_dir)
+    setup = build(cfg)
+    if record.get("groups") is not None and record["groups"] != setup.net.groups:
+        raise SupernetError(f"run {str(run_dir)!r} does not match its model any more (groups differ)")
+    setup.net.load_trainable_state_dict(runio.load_tensors(weights))
+    return setup, record
+
+
+def resolve_subnet(setup: Setup, subnet: str) -> dict:
+    if subnet in ("max", "mid", "min"):
+        return setup.net.space.named_config(subnet)
+    return setup.net.space.validate(load_config_file(subnet))
+
+
+def eval_run(
+    run_dir: str | Path,
+    subnet: str = "max",
+    split: str = "test",
+    predictions: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 64,
+) -> dict:
+    """Accuracy, loss, MACs and trainable parameters of one sub-network on a split.
+
+    With ``predictions``, writes one CSV row per example: index, label, prediction and one
+    logit (or answer score, for causal-LM) column per class.
+    """
+    from supernet.tasks import evaluate
+
+    if split not in ("train", "validation", "test"):
+        raise SupernetError(f"unknown split {split!r}; use train, validation or test")
+    if limit is not None and limit <= 0:
+        raise SupernetError("--limit must be positive")
+    setup, record = load_run(run_dir)
+    config = setup.net.activate(resolve_subnet(setup, subnet))
+    res = evaluate(setup.net.model, setup.enc, split, batch_size=batch_size, limit=limit,
+                   return_logits=predictions is not None)
+    out = {
+        "run": str(run_dir),
+        "subnet": subnet,
+        "split": split,
+        "accuracy": res["accuracy"],
+        "loss": res["loss"],
+        "macs": setup.net.macs(config, setup.cfg.max_length),
+        "seq_len": setup.cfg.max_length,
+        "trainable_params": setup.net.trainable_params(config),
+        "examples": res["examples"],
+        "config": config,
+    }
+    if predictions is not None:
+        logits = res["logits"]
+        names = setup.label_names
+        df = pd.DataFrame({"index": range(len(logits)),
+                           "label": [names[i] for i in res["labels"]],
+                           "prediction": [names[i] for i in logits.argmax(-1)]})
+        for j, n in enumerate(names):
+            df[f"logit_{n}"] = logits[:, j]
+        path = Path(predictions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(path, index=False)
+    return out

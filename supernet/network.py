@@ -1,0 +1,323 @@
+"""The super-network: elastic adapters injected into any Hugging Face model.
+
+Target layers are found by name pattern and type, never by attribute path, so BERT
+(``query,key,value,dense``), Llama (``q_proj,...,down_proj``) and GPT-2 (``c_attn,...``)
+layouts all work. Adapters are grouped; every adapter of a group takes the group's choice.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from supernet.adapters import SCALINGS, ElasticAdapter, ElasticLoRA, is_adaptable, layer_shape
+from supernet.errors import SupernetError
+from supernet.space import Config, SearchSpace
+
+# Default targets by the module names a layout has: every projection inside the blocks.
+DEFAULT_TARGETS = (
+    ("q_proj", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ("query", ["query", "key", "value", "dense"]),
+    ("c_attn", ["c_attn", "c_proj", "c_fc"]),
+)
+# Within one block, modules whose last name is in one of these sets share one group, as in
+# Shears (Q/K/V take one rank, gate/up another); every other target is a group of its own.
+SHARED_ROLES = {
+    "qkv": {"query", "key", "value", "q_proj", "k_proj", "v_proj"},
+    "up": {"gate_proj", "up_proj"},
+}
+GROUPINGS = ("block", "module", "global")
+_BLOCK = re.compile(r"\.(\d+)\.")
+
+
+def matches(name: str, pattern: str) -> bool:
+    """PEFT-style match: ``re:<regex>`` matches the full name, else a dotted-suffix match."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for key, targets in DEFAULT_TARGETS:
+        if key in leaves:
+            return list(targets)
+    raise SupernetError("cannot guess target modules for this architecture; pass --target-modules")
+
+
+@dataclass
+class SuperNetConfig:
+    """What to inject and how the choices are grouped; saved in every run's ``config.json``.
+
+    Args:
+        target_modules: name patterns of the layers that get an adapter (``re:`` for regex).
+        ranks: the rank choices of every group, e.g. ``[32, 24, 16]``; ``r_max`` is the largest.
+        alpha: LoRA alpha; the scale is ``alpha/r_max``, ``alpha/r`` or ``alpha/sqrt(r)``.
+        scaling: ``fixed``, ``lora`` or ``rora``.
+        dropout: adapter input dropout.
+        groups: ``block`` (Q/K/V share a choice per block, gate/up share one, other targets
+            one each), ``module`` (every adapter its own group), ``global`` (one group), or
+            an explicit ``{group: [patterns]}`` mapping.
+        trainable_modules: patterns of whole modules trained alongside the adapters (the
+            new classification head); they are shared by all sub-networks.
+    """
+
+    target_modules: list[str]
+    ranks: list[int] = field(default_factory=lambda: [32, 24, 16])
+    alpha: float = 32.0
+    scaling: str = "lora"
+    dropout: float = 0.0
+    groups: str | dict[str, list[str]] = "block"
+    trainable_modules: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.target_modules:
+            raise SupernetError("no target modules given")
+        if not self.ranks:
+            raise SupernetError("the rank choice list is empty")
+        bad = [r for r in self.ranks if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0]
+        if bad:
+            raise SupernetError(f"ranks must be positive integers, got {bad[0]!r}")
+        self.ranks = sorted({int(r) for r in self.ranks}, reverse=True)
+        if self.scaling not in SCALINGS:
+            raise SupernetError(f"unknown scaling {self.scaling!r}; choose one of {', '.join(SCALINGS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SupernetError(f"dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.groups, str) and self.groups not in GROUPINGS:
+            raise SupernetError(f"unknown grouping {self.groups!r}; use {', '.join(GROUPINGS)} or a JSON file")
+        if isinstance(self.groups, Mapping):
+            if not self.groups:
+                raise SupernetError("the groups mapping is empty")
+            for g, pats in self.groups.items():
+                if isinstance(pats, str) or not pats:
+                    raise SupernetError(f"group {g!r} must list at least one module pattern")
+
+    @property
+    def max_rank(self) -> int:
+        return self.ranks[0]
+
+
+def _block_group(name: str) -> str:
+    m = _BLOCK.search(name)
+    if m is None:
+        return name
+    leaf = name.rsplit(".", 1)[-1]
+    for role, leaves in SHARED_ROLES.items():
+        if leaf in leaves:
+            return f"L{m.group(1)}.{role}"
+    return f"L{m.group(1)}.{name[m.end():]}"
+
+
+def assign_groups(names: list[str], groups: str | Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """Map each group name to its module names (order of ``names`` kept)."""
+    out: dict[str, list[str]] = {}
+    if groups == "module":
+        return {n: [n] for n in names}
+    if groups == "global":
+        return {"all": list(names)}
+    if groups == "block":
+        for n in names:
+            out.setdefault(_block_group(n), []).append(n)
+        return out
+    owner: dict[str, str] = {}
+    for g, patterns in groups.items():
+        hit = [n for n in names if any(matches(n, p) for p in patterns)]
+        if not hit:
+            raise SupernetError(f"group {g!r} names no target module (patterns {list(patterns)})")
+        for n in hit:
+            if n in owner:
+                raise SupernetError(f"module {n!r} is in two groups: {owner[n]!r} and {g!r}")
+            owner[n] = g
+        out[g] = hit
+    orphans = [n for n in names if n not in owner]
+    if orphans:
+        raise SupernetError(f"target module {orphans[0]!r} is in no group ({len(orphans)} such)")
+    return out
+
+
+class SuperNetwork:
+    """A Hugging Face model with elastic adapters in its target layers.
+
+    The three verbs: :meth:`sample` (a seeded config), :meth:`activate` (set every adapter),
+    and the config helpers ``max/min/mid_config``. The wrapped model is an ordinary
+    ``nn.Module`` (``self.model``): train it, wrap it in DDP, save its adapter weights.
+
+    Args:
+        model: any ``transformers`` model (or plain ``nn.Module``); modified in place.
+        config: what to inject and how to group it.
+    """
+
+    def __init__(self, model: nn.Module, config: SuperNetConfig) -> None:
+        self.model = model
+        self.config = config
+        targets = [
+            (n, m)
+            for n, m in model.named_modules()
+            if n and is_adaptable(m) and any(matches(n, p) for p in config.target_modules)
+            and not any(matches(n, p) for p in config.trainable_modules)
+        ]
+        if not targets:
+            linear = [n for n, m in model.named_modules() if is_adaptable(m)][:4]
+            raise SupernetError(
+                f"target patterns {config.target_modules} match no linear module "
+                f"(this model has e.g. {', '.join(linear)})"
+            )
+        for n, m in targets:
+            fan_in, fan_out = layer_shape(m)
+            if config.max_rank > min(fan_in, fan_out):
+                raise SupernetError(
+                    f"rank {config.max_rank} exceeds the size of {n} ({fan_out}x{fan_in})"
+                )
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.adapters: dict[str, ElasticAdapter] = {}
+        for n, m in targets:
+            adapter = ElasticLoRA(m, config.max_rank, config.alpha, config.scaling, config.dropout)
+            parent_name, _, child = n.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, adapter)
+            self.adapters[n] = adapter
+        self.head_modules = [
+            n for n, m in model.named_modules() if n and any(matches(n, p) for p in config.trainable_modules)
+        ]
+        for n in self.head_modules:
+            for p in model.get_submodule(n).parameters():
+                p.requires_grad_(True)
+        self.groups = assign_groups(list(self.adapters), config.groups)
+        self.space = SearchSpace({g: list(config.ranks) for g in self.groups})
+        self._rows: dict[int, dict[str, int]] = {}
+
+    # ----------------------------------------------------------------- configs
+    def sample(self, rng: np.random.Generator) -> Config:
+        return self.space.sample(rng)
+
+    def max_config(self) -> Config:
+        return self.space.max_config()
+
+    def min_config(self) -> Config:
+        return self.space.min_config()
+
+    def mid_config(self) -> Config:
+        return self.space.mid_config()
+
+    def activate(self, config: Mapping[str, object]) -> Config:
+        """Set every adapter to its group's choice; returns the validated config."""
+        config = self.space.validate(config)
+        for group, names in self.groups.items():
+            for n in names:
+                self.adapters[n].set_active(config[group])
+        return config
+
+    def reset(self) -> None:
+        """Back to the largest sub-network."""
+        for adapter in self.adapters.values():
+            adapter.reset()
+
+    def active_config(self) -> Config:
+        return {g: int(self.adapters[names[0]].active_rank) for g, names in self.groups.items()}
+
+    # ----------------------------------------------------------------- weights
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor (adapter factors at ``r_max``, the head), by parameter name."""
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        own = dict(self.model.named_parameters())
+        expected = {n for n, p in own.items() if p.requires_grad}
+        if set(state) != expected:
+            missing = sorted(expected - set(state))
+            extra = sorted(set(state) - expected)
+            detail = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+            raise SupernetError(f"adapter weights do not fit this super-network ({detail})")
+        with torch.no_grad():
+            for n, t in state.items():
+                if own[n].shape != t.shape:
+                    raise SupernetError(f"adapter weight {n!r} has shape {tuple(t.shape)}, expected {tuple(own[n].shape)}")
+                own[n].copy_(t)
+
+    # ----------------------------------------------------------------- costs
+    def head_params(self) -> int:
+        return sum(p.numel() for n in self.head_modules for p in self.model.get_submodule(n).parameters())
+
+    def trainable_params(self, config: Mapping[str, object] | None = None) -> int:
+        """Parameters a sub-network trains and ships on top of the base.
+
+        ``sum over adapters of r * (in + out)`` plus the head (shared by every sub-network).
+        """
+        config = self.active_config() if config is None else self.space.validate(config)
+        total = self.head_params()
+        for group, names in self.groups.items():
+            total += sum(self.adapters[n].adapter_params(config[group]) for n in names)
+        return total
+
+    def _linear_rows(self, seq_len: int) -> dict[str, int]:
+        """Rows (tokens) each linear layer sees for one sequence of ``seq_len`` tokens."""
+        if seq_len in self._rows:
+            return self._rows[seq_len]
+        rows: dict[str, int] = {}
+        hooks = []
+        for name, module in self.model.named_modules():
+            if is_adaptable(module) and not isinstance(module, ElasticAdapter):
+                fan_in, _ = layer_shape(module)
+
+                def hook(mod, inputs, output, name=name, fan_in=fan_in):
+                    rows[name] = rows.get(name, 0) + inputs[0].numel() // fan_in
+
+                hooks.append(module.register_forward_hook(hook))
+        device = next(self.model.parameters()).device
+        ids = torch.ones(1, seq_len, dtype=torch.long, device=device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        finally:
+            for h in hooks:
+                h.remove()
+            self.model.train(was_training)
+        self._rows[seq_len] = rows
+        return rows
+
+    def macs(self, config: Mapping[str, object] | None = None, seq_len: int = 64) -> int:
+        """Multiply-accumulates of one forward pass over one sequence of ``seq_len`` tokens.
+
+        ``../shared/DESIGN.md`` section 4: every linear layer costs ``rows * in * out`` (rows
+        = the tokens it sees, measured once with hooks: all ``seq_len`` for block layers, one
+        for a pooler or classifier on the first token); an unmerged adapter adds
+        ``rows * r * (in + out)``; attention adds ``2 * T^2 * d`` per layer (scores and
+        weighted sum). Embeddings, norms and softmax are not counted.
+        """
+        config = self.active_config() if config is None else self.space.validate(config)
+        rows = self._linear_rows(seq_len)
+        total = 0
+        for name, module in self.model.named_modules():
+            if is_adaptable(module) and not isinstance(module, ElasticAdapter):
+                fan_in, fan_out = layer_shape(module)
+                total += rows.get(name, 0) * fan_in * fan_out
+        for group, names in self.groups.items():
+            for n in names:
+                total += rows.get(f"{n}.base", 0) * self.adapters[n].adapter_macs_per_token(config[group])
+        cfg = getattr(self.model, "config", None)
+        hidden = getattr(cfg, "hidden_size", None)
+        layers = getattr(cfg, "num_hidden_layers", None)
+        if hidden and layers:
+            total += 2 * seq_len * seq_len * hidden * layers
+        return int(total)
+
+    def describe(self) -> dict:
+        """A JSON summary: groups, their modules, and the size of the space."""
+        return {
+            "groups": self.groups,
+            "choices": self.space.choices,
+            "num_adapters": len(self.adapters),
+            "space_size": self.space.size(),
+        }
+
+
+def iter_named_configs(net: SuperNetwork, names: Iterable[str]) -> list[tuple[str, Config]]:
+    return [(n, net.space.named_config(n)) for n in names]

@@ -1,0 +1,146 @@
+"""Turning examples into batches, and scoring a model on a split.
+
+``seq-cls``: the model's classification head; loss is cross-entropy over the classes.
+``causal-lm``: the text is put into a prompt and each label has answer words; training
+minimises the answer tokens' negative log-likelihood (prompt tokens are masked with -100),
+and evaluation scores every answer by the sum of its tokens' log-probabilities and predicts
+the best. The reported loss is then cross-entropy over those answer scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from torch import nn
+
+from supernet.data import TaskData
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    """Tokenised splits plus what batching and scoring need."""
+
+    task: str
+    splits: dict[str, Dataset]
+    pad_id: int
+    answer_ids: list[list[int]]  # causal-lm only: token ids of each label's answer
+
+
+def encode(data: TaskData, tokenizer, task: str, max_length: int) -> Encoded:
+    if task == "seq-cls":
+
+        def fn(batch):
+            enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+            enc["labels"] = batch["label"]
+            return dict(enc)
+
+        splits = {k: v.map(fn, batched=True, remove_columns=v.column_names) for k, v in data.splits.items()}
+        return Encoded(task, splits, tokenizer.pad_token_id, [])
+
+    answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in data.answer_words()]
+    budget = max_length - max(len(a) for a in answers)
+
+    def fn_lm(batch):
+        prompts = [data.prompt.format(text=t) for t in batch["text"]]
+        ids = tokenizer(prompts)["input_ids"]
+        ids = [p[-budget:] for p in ids]  # keep the end: the question sits there
+        return {"prompt_ids": ids, "labels": batch["label"]}
+
+    splits = {k: v.map(fn_lm, batched=True, remove_columns=v.column_names) for k, v in data.splits.items()}
+    return Encoded(task, splits, tokenizer.pad_token_id, answers)
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def collate(enc: Encoded, rows: list[dict]) -> dict[str, torch.Tensor]:
+    """A training batch: right-padded inputs and labels (answer tokens only for causal-LM)."""
+    if enc.task == "seq-cls":
+        batch = {k: _pad([r[k] for r in rows], enc.pad_id if k == "input_ids" else 0) for k in rows[0] if k != "labels"}
+        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+        return batch
+    seqs, labels = [], []
+    for r in rows:
+        answer = enc.answer_ids[r["labels"]]
+        seqs.append(list(r["prompt_ids"]) + answer)
+        labels.append([IGNORE] * len(r["prompt_ids"]) + answer)
+    mask = [[1] * len(s) for s in seqs]
+    return {"input_ids": _pad(seqs, enc.pad_id), "attention_mask": _pad(mask, 0), "labels": _pad(labels, IGNORE)}
+
+
+def _choice_scores(model: nn.Module, enc: Encoded, rows: list[dict], device) -> torch.Tensor:
+    """Sum of log-probabilities of each answer after each prompt, shape ``(B, K)``."""
+    seqs, spans = [], []
+    for r in rows:
+        p = list(r["prompt_ids"])
+        for answer in enc.answer_ids:
+            spans.append((len(p), len(answer)))
+            seqs.append(p + answer)
+    ids = _pad(seqs, enc.pad_id).to(device)
+    mask = _pad([[1] * len(s) for s in seqs], 0).to(device)
+    logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    scores = torch.empty(len(seqs), device=device)
+    for i, (start, n) in enumerate(spans):
+        targets = ids[i, start : start + n]
+        scores[i] = logp[i, start - 1 : start - 1 + n].gather(-1, targets[:, None]).sum()
+    return scores.view(len(rows), len(enc.answer_ids))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    enc: Encoded,
+    split: str,
+    batch_size: int = 64,
+    limit: int | None = None,
+    device=None,
+    return_logits: bool = False,
+) -> dict:
+    """Accuracy and loss of ``model`` (at whatever sub-network is active) on a split.
+
+    Returns a dict with ``accuracy``, ``loss``, ``examples`` and, with ``return_logits``,
+    ``logits`` (``(N, K)`` numpy) and ``labels``.
+    """
+    ds = enc.splits[split]
+    n = len(ds) if limit is None else min(limit, len(ds))
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    try:
+        for start in range(0, n, batch_size):
+            rows = [ds[i] for i in range(start, min(n, start + batch_size))]
+            labels = torch.tensor([r["labels"] for r in rows], device=device)
+            if enc.task == "seq-cls":
+                batch = {k: v.to(device) for k, v in collate(enc, rows).items() if k != "labels"}
+                logits = model(**batch).logits.float()
+            else:
+                logits = _choice_scores(model, enc, rows, device)
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
+    finally:
+        model.train(was_training)
+    logits = torch.cat(all_logits)
+    labels = torch.cat(all_labels)
+    out = {
+        "accuracy": float((logits.argmax(-1) == labels).float().mean()),
+        "loss": float(F.cross_entropy(logits, labels)),
+        "examples": int(n),
+    }
+    if return_logits:
+        out["logits"] = logits.numpy()
+        out["labels"] = labels.numpy()
+    return out
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of one epoch: a permutation drawn from ``(seed, epoch)`` alone."""
+    return np.random.default_rng([seed, epoch]).permutation(n)

@@ -1,0 +1,465 @@
+"""NLS training: one sub-adapter configuration per optimizer step, through ``accelerate``.
+
+Every process derives a step's configuration from ``(seed, step)`` alone, so under
+``accelerate launch`` all processes train the same sub-network at the same step; data order
+is a permutation drawn from ``(seed, epoch)``, sharded by process. A run resumed from its
+checkpoint reproduces the uninterrupted run exactly (weights, optimizer, scheduler, RNG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from supernet import run as runio
+from supernet.data import load_task_data
+from supernet.errors import SupernetError
+from supernet.models import TASKS, infer_task, load_config, load_model
+from supernet.network import SuperNetConfig, SuperNetwork, default_targets
+from supernet.space import Config
+from supernet.tasks import Encoded, collate, encode, epoch_order, evaluate
+
+SAMPLERS = ("uniform", "sandwich")
+HEAD_PATTERNS = ["classifier", "score"]
+
+
+@dataclass
+class TrainConfig:
+    """One training run; written to ``config.json`` and read back by ``eval`` and ``--resume``.
+
+    The defaults are the embedded default: MiniLM-L6 on Rotten Tomatoes, ranks 32/24/16.
+    """
+
+    model: str = "minilm"
+    dataset: str = "rotten-tomatoes"
+    task: str | None = None  # seq-cls | causal-lm; None: causal-lm for *ForCausalLM checkpoints
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt: str | None = None  # causal-lm prompt with {text}; built-ins bring their own
+    target_modules: list[str] | None = None  # None: every projection in the blocks
+    ranks: list[int] = field(default_factory=lambda: [32, 24, 16])
+    alpha: float = 32.0
+    scaling: str = "lora"
+    dropout: float = 0.0
+    groups: str = "block"  # block | module | global | path to a JSON {group: [patterns]}
+    sampler: str = "uniform"
+    sandwich_random: int = 2  # the k random configs of a sandwich step (besides max and min)
+    max_steps: int = 400
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 64
+    train_samples: int | None = None  # cap on training examples (first N of the fixed split)
+    eval_samples: int | None = 500  # validation examples used by periodic evaluation
+    eval_every: int = 100
+    save_every: int = 100
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    name: str | None = None
+    out: str = "runs"
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise SupernetError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.sampler not in SAMPLERS:
+            raise SupernetError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        positive = ("max_steps", "batch_size", "grad_accum", "max_length", "eval_every", "save_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SupernetError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("train_samples", "eval_samples"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise SupernetError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if self.sandwich_random < 0:
+            raise SupernetError("--sandwich-random must be >= 0")
+        if self.lr <= 0:
+            raise SupernetError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise SupernetError("--warmup-ratio must be in [0, 1)")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise SupernetError("--mixed-precision must be auto, no, bf16 or fp16")
+        if self.prompt is not None and "{text}" not in self.prompt:
+            raise SupernetError("--prompt must contain {text}")
+        if isinstance(self.ranks, str):
+            self.ranks = parse_int_list(self.ranks, "--ranks")
+        if not self.ranks:
+            raise SupernetError("the rank choice list is empty")
+        if any(r <= 0 for r in self.ranks):
+            raise SupernetError(f"ranks must be positive, got {self.ranks}")
+
+    def run_dir(self) -> Path:
+        name = self.name or f"{Path(self.model).name}-{Path(self.dataset).stem}"
+        return Path(self.out) / name
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SupernetError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise SupernetError(f"{what} is empty")
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise SupernetError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def load_groups(spec: str) -> str | dict:
+    if spec in ("block", "module", "global"):
+        return spec
+    p = Path(spec)
+    if not p.is_file():
+        raise SupernetError(f"--groups must be block, module, global or a JSON file; {spec!r} is none")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SupernetError(f"groups file {spec!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise SupernetError(f"groups file {spec!r} must be an object {{group: [patterns]}}")
+    return data
+
+
+def step_configs(net: SuperNetwork, sampler: str, seed: int, step: int, k: int = 2) -> list[Config]:
+    """The sub-networks trained at ``step``: a function of ``(seed, step)`` only.
+
+    ``uniform``: one configuration drawn uniformly (Shears / NNCF NLS). ``sandwich``: the
+    largest, the smallest and ``k`` random ones, their gradients accumulated.
+    """
+    rng = np.random.default_rng([seed, step])
+    if sampler == "uniform":
+        return [net.sample(rng)]
+    return [net.max_config(), net.min_config()] + [net.sample(rng) for _ in range(k)]
+
+
+@dataclass
+class Setup:
+    """Everything built from a :class:`TrainConfig` before anything is written."""
+
+    cfg: TrainConfig
+    task: str
+    net: SuperNetwork
+    tokenizer: object
+    enc: Encoded
+    label_names: list[str]
+    supernet_config: SuperNetConfig
+
+
+def build(cfg: TrainConfig, seed: int | None = None) -> Setup:
+    """Load model and data and inject adapters; every user error surfaces here."""
+    set_seed(cfg.seed if seed is None else seed)
+    groups = load_groups(cfg.groups)
+    _, model_config = load_config(cfg.model)
+    task = cfg.task or infer_task(model_config)
+    data = load_task_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.prompt)
+    model, tokenizer = load_model(cfg.model, task, num_labels=len(data.label_names))
+    if cfg.train_samples is not None:
+        data.splits["train"] = data.splits["train"].select(range(min(cfg.train_samples, len(data.splits["train"]))))
+    sn_cfg = SuperNetConfig(
+        target_modules=cfg.target_modules or default_targets(model),
+        ranks=list(cfg.ranks),
+        alpha=cfg.alpha,
+        scaling=cfg.scaling,
+        dropout=cfg.dropout,
+        groups=groups,
+        trainable_modules=HEAD_PATTERNS if task == "seq-cls" else [],
+    )
+    net = SuperNetwork(model, sn_cfg)
+    enc = encode(data, tokenizer, task, cfg.max_length)
+    return Setup(cfg, task, net, tokenizer, enc, data.label_names, sn_cfg)
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def config_digest(config: Config) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class Trainer:
+    """Runs NLS training for a :class:`Setup` into a run directory.
+
+    Args:
+        setup: the built model, data and super-network.
+        run_dir: where to write; must not exist unless ``resume``.
+        on_step: called after every optimizer step with ``(step, trainer)``; raising from
+            it interrupts training (tests use this to simulate a crash).
+    """
+
+    def __init__(self, setup: Setup, run_dir: Path, on_step: Callable[[int, Trainer], None] | None = None):
+        self.s = setup
+        self.cfg = setup.cfg
+        self.run_dir = Path(run_dir)
+        self.on_step = on_step
+        mp = self.cfg.mixed_precision
+        if mp == "auto":
+            env = os.environ.get("ACCELERATE_MIXED_PRECISION")
+            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            mp = env or ("bf16" if cuda_bf16 else "no")
+        self.accelerator = Accelerator(mixed_precision=mp)
+        self.net = setup.net
+        self.params = [p for p in self.net.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, int(self.cfg.warmup_ratio * self.cfg.max_steps), self.cfg.max_steps
+        )
+        self.model = self.accelerator.prepare(self.net.model)
+        self.step = 0
+        world, bs = self.accelerator.num_processes, self.cfg.batch_size
+        self.batches_per_epoch = len(setup.enc.splits["train"]) // (bs * world)
+        if self.batches_per_epoch == 0:
+            raise SupernetError(
+                f"the train split has {len(setup.enc.splits['train'])} examples, fewer than one "
+                f"batch of {bs} x {world} processes"
+            )
+        self._order: tuple[int, np.ndarray] | None = None
+
+    # ---------------------------------------------------------------- data
+    def micro_batch(self, m: int) -> dict[str, torch.Tensor]:
+        """The ``m``-th micro-batch of this process (random access, so resume is exact)."""
+        epoch, j = divmod(m, self.batches_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.s.enc.splits["train"]), self.cfg.seed, epoch))
+        world, rank, bs = self.accelerator.num_processes, self.accelerator.process_index, self.cfg.batch_size
+        start = (j * world + rank) * bs
+        idx = self._order[1][start : start + bs]
+        ds = self.s.enc.splits["train"]
+        batch = collate(self.s.enc, [ds[int(i)] for i in idx])
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        acc = self.accelerator
+        final = self.run_dir / runio.CHECKPOINT
+        tmp = self.run_dir / (runio.CHECKPOINT + ".tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / f"rng{acc.process_index}.safetensors"))
+        if acc.is_main_process:
+            runio.save_tensors(tmp / "trainable.safetensors", self.net.trainable_state_dict())
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       tmp / "optimizer.pt")
+            runio.write_json(tmp / "state.json", {"step": self.step, "processes": acc.num_processes})
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self) -> None:
+        ckpt = self.run_dir / runio.CHECKPOINT
+        try:
+            state = json.loads((ckpt / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise SupernetError(f"run {str(self.run_dir)!r} has no readable checkpoint to resume from") from None
+        if state.get("processes", 1) != self.accelerator.num_processes:
+            raise SupernetError(
+                f"checkpoint was written by {state.get('processes')} process(es); resume with the same number"
+            )
+        self.net.load_trainable_state_dict(runio.load_tensors(ckpt / "trainable.safetensors"))
+        opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        rng = load_file(str(ckpt / f"rng{self.accelerator.process_index}.safetensors"))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.step = int(state["step"])
+
+    # ---------------------------------------------------------------- evaluation
+    def validate(self) -> list[dict]:
+        rows = []
+        for name in ("max", "mid", "min"):
+            self.net.activate(self.net.space.named_config(name))
+            res = evaluate(self.net.model, self.s.enc, "validation", limit=self.cfg.eval_samples,
+                           device=self.accelerator.device)
+            rows.append({"step": self.step, "subnet": name, "accuracy": res["accuracy"], "loss": res["loss"],
+                         "examples": res["examples"]})
+        self.net.reset()
+        return rows
+
+    # ---------------------------------------------------------------- loop
+    def train(self) -> dict:
+        acc, cfg = self.accelerator, self.cfg
+        main = acc.is_main_process
+        log_path = self.run_dir / "train_log.csv"
+        eval_path = self.run_dir / "eval_log.csv"
+        if main:
+            _truncate_log(log_path, self.step)
+            _truncate_log(eval_path, self.step)
+        acc.wait_for_everyone()
+        trace = None
+        if acc.num_processes > 1:
+            trace = open(self.run_dir / f"process{acc.process_index}.jsonl", "a")
+        log = _CsvAppender(log_path, ["step", "epoch", "loss", "lr", "grad_norm", "seconds", "config"]) if main else None
+        elog = _CsvAppender(eval_path, ["step", "subnet", "accuracy", "loss", "examples"]) if main else None
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not main, dynamic_ncols=True)
+        self.model.train()
+        t0 = time.perf_counter()
+        while self.step < cfg.max_steps:
+            configs = step_configs(self.net, cfg.sampler, cfg.seed, self.step, cfg.sandwich_random)
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            n_back = cfg.grad_accum * len(configs)
+            k = 0
+            for micro in range(cfg.grad_accum):
+                batch = self.micro_batch(self.step * cfg.grad_accum + micro)
+                for config in configs:
+                    self.net.activate(config)
+                    k += 1
+                    sync = contextlib.nullcontext() if k == n_back else acc.no_sync(self.model)
+                    with sync:
+                        loss = self.model(**batch).loss / n_back
+                        acc.backward(loss)
+                    total += float(loss.detach())
+            grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            if trace is not None:
+                trace.write(json.dumps({"step": self.step, "configs": [config_digest(c) for c in configs]}) + "\n")
+            if main:
+                log.write([self.step, (self.step * cfg.grad_accum - 1) // self.batches_per_epoch, f"{total:.6f}",
+                           f"{self.scheduler.get_last_lr()[0]:.3e}", f"{float(grad_norm):.4f}",
+                           f"{time.perf_counter() - t0:.2f}", json.dumps(configs[0] if len(configs) == 1 else configs)])
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4f}")
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                if main:
+                    rows = self.validate()
+                    for r in rows:
+                        elog.write([r["step"], r["subnet"], f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", r["examples"]])
+                    bar.write("step {}: ".format(self.step) + ", ".join(
+                        f"{r['subnet']} acc {r['accuracy']:.3f}" for r in rows))
+                acc.wait_for_everyone()
+            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+            if self.on_step is not None:
+                self.on_step(self.step, self)
+        bar.close()
+        self.net.reset()
+        final = self.net.trainable_state_dict()
+        if trace is not None:
+            trace.write(json.dumps({"step": self.step, "weights": weights_digest(final)}) + "\n")
+            trace.close()
+        summary = {}
+        if main:
+            runio.save_tensors(self.run_dir / runio.ADAPTER, final)
+            summary = {"steps": self.step, "train_seconds": round(time.perf_counter() - t0, 2),
+                       "processes": acc.num_processes, "validation": self.validate()}
+            runio.write_json(self.run_dir / "summary.json", summary)
+        acc.wait_for_everyone()
+        return summary
+
+
+class _CsvAppender:
+    def __init__(self, path: Path, header: list[str]):
+        new = not path.exists() or path.stat().st_size == 0
+        self.f = open(path, "a", newline="")
+        self.w = csv.writer(self.f)
+        if new:
+            self.w.writerow(header)
+            self.f.flush()
+
+    def write(self, row: list) -> None:
+        self.w.writerow(row)
+        self.f.flush()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop rows past ``step`` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(keep)
+
+
+def run_record(setup: Setup) -> dict:
+    """What ``config.json`` holds: enough to rebuild the super-network and its task."""
+    sn = dataclasses.asdict(setup.supernet_config)
+    return {
+        "train": dataclasses.asdict(setup.cfg),
+        "supernet": sn,
+        "task": setup.task,
+        "label_names": setup.label_names,
+        "groups": setup.net.groups,
+        "choices": setup.net.space.choices,
+        "macs": {k: setup.net.macs(setup.net.space.named_config(k), setup.cfg.max_length) for k in ("max", "mid", "min")},
+        "trainable_params": {k: setup.net.trainable_params(setup.net.space.named_config(k)) for k in ("max", "mid", "min")},
+    }
+
+
+def train(cfg: TrainConfig, *, overwrite: bool = False,
+          on_step: Callable[[int, Trainer], None] | None = None) -> dict:
+    """Build, then train into ``cfg.run_dir()``; returns the summary (main process)."""
+    run_dir = cfg.run_dir()
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise SupernetError(f"run directory {str(run_dir)!r} exists; use --resume to continue, --overwrite or --name")
+    return _run(cfg, run_dir, resuming=False, on_step=on_step)
+
+
+def resume(run_dir: str | Path, max_steps: int | None = None,
+           on_step: Callable[[int, Trainer], None] | None = None) -> dict:
+    """Continue a run from its checkpoint with its saved configuration (optionally longer)."""
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.from_dict(runio.read_run_config(run_dir)["train"])
+    if max_steps is not None:
+        cfg.max_steps = max_steps
+    return _run(cfg, run_dir, resuming=True, on_step=on_step)
+
+
+def _run(cfg: TrainConfig, run_dir: Path, resuming: bool, on_step) -> dict:
+    setup = build(cfg)  # every user error is raised here, before anything is written
+    trainer = Trainer(setup, run_dir, on_step=on_step)
+    if resuming:
+        trainer.load_checkpoint()
+        if trainer.step >= cfg.max_steps:
+            raise SupernetError(f"run {str(run_dir)!r} already reached step {trainer.step}; raise --max-steps")
+    if trainer.accelerator.is_main_process:
+        if not resuming and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runio.write_json(run_dir / runio.CONFIG, run_record(setup))
+    trainer.accelerator.wait_for_everyone()
+    return trainer.train()
