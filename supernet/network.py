@@ -237,7 +237,9 @@ class SuperNetwork:
         with torch.no_grad():
             for n, t in state.items():
                 if own[n].shape != t.shape:
-                    raise SupernetError(f"adapter weight {n!r} has shape {tuple(t.shape)}, expected {tuple(own[n].shape)}")
+                    raise SupernetError(
+                        f"adapter weight {n!r} has shape {tuple(t.shape)}, expected {tuple(own[n].shape)}"
+                    )
                 own[n].copy_(t)
 
     # ----------------------------------------------------------------- costs

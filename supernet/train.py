@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,7 +228,10 @@ class Trainer:
             env = os.environ.get("ACCELERATE_MIXED_PRECISION")
             cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             mp = env or ("bf16" if cuda_bf16 else "no")
-        self.accelerator = Accelerator(mixed_precision=mp)
+        # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: gloo on CPU.
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        _warn_single_cpu_launch()
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=distributed and not torch.cuda.is_available())
         self.net = setup.net
         self.params = [p for p in self.net.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -327,7 +331,8 @@ class Trainer:
         trace = None
         if acc.num_processes > 1:
             trace = open(self.run_dir / f"process{acc.process_index}.jsonl", "a")
-        log = _CsvAppender(log_path, ["step", "epoch", "loss", "lr", "grad_norm", "seconds", "config"]) if main else None
+        columns = ["step", "epoch", "loss", "lr", "grad_norm", "seconds", "config"]
+        log = _CsvAppender(log_path, columns) if main else None
         elog = _CsvAppender(eval_path, ["step", "subnet", "accuracy", "loss", "examples"]) if main else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not main, dynamic_ncols=True)
         self.model.train()
@@ -365,7 +370,7 @@ class Trainer:
                     rows = self.validate()
                     for r in rows:
                         elog.write([r["step"], r["subnet"], f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", r["examples"]])
-                    bar.write("step {}: ".format(self.step) + ", ".join(
+                    bar.write(f"step {self.step}: " + ", ".join(
                         f"{r['subnet']} acc {r['accuracy']:.3f}" for r in rows))
                 acc.wait_for_everyone()
             if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
@@ -386,6 +391,18 @@ class Trainer:
             runio.write_json(self.run_dir / "summary.json", summary)
         acc.wait_for_everyone()
         return summary
+
+
+def _warn_single_cpu_launch() -> None:
+    """``accelerate launch --cpu --num_processes N`` starts ONE process unless mpirun is set up
+    (accelerate's simple launcher); say so instead of silently training on one process."""
+    env = os.environ
+    asked_many = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_ADDR" in env
+    launched = any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if asked_many and not launched:
+        print("supernet: note: `accelerate launch --cpu` started one process (accelerate spawns several CPU "
+              "processes only through mpirun); for N CPU processes use `accelerate launch --multi_gpu "
+              "--num_processes N` or `torchrun --nproc_per_node N`, which supernet runs on gloo", file=sys.stderr)
 
 
 class _CsvAppender:
@@ -418,6 +435,7 @@ def _truncate_log(path: Path, step: int) -> None:
 def run_record(setup: Setup) -> dict:
     """What ``config.json`` holds: enough to rebuild the super-network and its task."""
     sn = dataclasses.asdict(setup.supernet_config)
+    named = {k: setup.net.space.named_config(k) for k in ("max", "mid", "min")}
     return {
         "train": dataclasses.asdict(setup.cfg),
         "supernet": sn,
@@ -425,8 +443,8 @@ def run_record(setup: Setup) -> dict:
         "label_names": setup.label_names,
         "groups": setup.net.groups,
         "choices": setup.net.space.choices,
-        "macs": {k: setup.net.macs(setup.net.space.named_config(k), setup.cfg.max_length) for k in ("max", "mid", "min")},
-        "trainable_params": {k: setup.net.trainable_params(setup.net.space.named_config(k)) for k in ("max", "mid", "min")},
+        "macs": {k: setup.net.macs(c, setup.cfg.max_length) for k, c in named.items()},
+        "trainable_params": {k: setup.net.trainable_params(c) for k, c in named.items()},
     }
 
 

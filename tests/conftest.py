@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from supernet.cli import _quiet_libraries
+from supernet.models import BUILTIN_MODELS, package_dir
+
+_quiet_libraries()
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "brilliant", "moving"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "poor", "weak", "tedious", "messy"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def tiny_bert_config(**kw):
+    from transformers import BertConfig
+
+    base = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)
+    base.update(kw)
+    return BertConfig(**base)
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                pad_token_id=0, architectures=["LlamaForCausalLM"])
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def _tokenizer_files(dst: Path) -> None:
+    src = package_dir(BUILTIN_MODELS["minilm"][0], BUILTIN_MODELS["minilm"][3]) / "model"
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / f, dst / f)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 BERT on disk with MiniLM's tokenizer (loads in milliseconds)."""
+    from transformers import BertModel
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    cfg = tiny_bert_config(architectures=["BertModel"])
+    BertModel(cfg).save_pretrained(d)
+    _tokenizer_files(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(d)
+    _tokenizer_files(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory) -> Path:
+    """A learnable two-class sentiment CSV with string labels."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(400):
+        pos = i % 2 == 0
+        words = list(rng.choice(POSITIVE if pos else NEGATIVE, 3)) + list(rng.choice(["movie", "plot", "cast"], 2))
+        rng.shuffle(words)
+        rows.append((" ".join(words), "yes" if pos else "no"))
+    import pandas as pd
+
+    p = tmp_path_factory.mktemp("data") / "tiny.csv"
+    pd.DataFrame(rows, columns=["sentence", "sentiment"]).to_csv(p, index=False)
+    return p
+
+
+@pytest.fixture
+def tiny_train_args(tiny_bert_dir, tiny_csv, tmp_path):
+    """CLI flags of a short run on the tiny model and data."""
+    return ["--model", str(tiny_bert_dir), "--dataset", str(tiny_csv), "--text-column", "sentence",
+            "--label-column", "sentiment", "--ranks", "8,6,4", "--max-steps", "6", "--batch-size", "8",
+            "--eval-every", "3", "--save-every", "3", "--eval-samples", "16", "--max-length", "16",
+            "--out", str(tmp_path / "runs")]
