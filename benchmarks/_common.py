@@ -1,0 +1,61 @@
+"""Shared pieces of the benchmark scripts: the real MiniLM, PEFT LoRA built like ours, and a
+PEFT training loop that follows our trainer step for step (same data order, optimiser,
+schedule, clipping), so that a comparison differs only in the adapter."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from transformers import get_cosine_schedule_with_warmup
+
+from supernet.tasks import collate, epoch_order
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+TARGETS = ["query", "key", "value", "dense"]
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+
+
+def peft_lora(model, rank: int, alpha: float):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS,
+                                            modules_to_save=["classifier"], lora_dropout=0.0))
+
+
+def train_fixed(model, enc, cfg, seed: int) -> float:
+    """Train any model with our trainer's recipe (single process); returns seconds."""
+    set_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
+    ds = enc.splits["train"]
+    per_epoch = len(ds) // cfg.batch_size
+    order = None
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(cfg.max_steps):
+        epoch, j = divmod(step, per_epoch)
+        if order is None or order[0] != epoch:
+            order = (epoch, epoch_order(len(ds), seed, epoch))
+        idx = order[1][j * cfg.batch_size:(j + 1) * cfg.batch_size]
+        batch = collate(enc, [ds[int(i)] for i in idx])
+        opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+    return time.perf_counter() - t0
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
