@@ -41,6 +41,7 @@ TRAIN_FLAGS: list[tuple[str, dict]] = [
     ("text-column", {"help": "[text]"}),
     ("label-column", {"help": "[label]"}),
     ("prompt", {"help": "causal-LM prompt containing {text}"}),
+    ("choices-column", {"help": "multiple choice: column of answer lists; the label is an index or the answer"}),
     ("target-modules", {"type": _csv, "help": "comma-separated name patterns (re:<regex> allowed)"}),
     ("ranks", {"help": "rank choices, e.g. 32,24,16"}),
     ("alpha", {"type": float, "help": "LoRA alpha [32]"}),

@@ -77,6 +77,7 @@ class TaskData:
     prompt: str = "{text}\nAnswer:"
     answers: dict = field(default_factory=dict)
     source: str = ""
+    has_choices: bool = False  # examples carry their own answer list in column ``choices``
 
     def answer_words(self) -> list[str]:
         """The answer of each label for causal-LM, with a leading space (one word each)."""
@@ -128,6 +129,7 @@ def load_task_data(
     text_column: str = "text",
     label_column: str = "label",
     prompt: str | None = None,
+    choices_column: str | None = None,
 ) -> TaskData:
     """Load a dataset, keep ``text`` and an integer ``label``, and make the fixed splits.
 
@@ -139,6 +141,8 @@ def load_task_data(
     if builtin is not None:
         text_column, label_column = builtin.text_column, builtin.label_column
     first = raw[next(iter(raw))]
+    if choices_column is not None:
+        return _load_choices(raw, spec, text_column, label_column, choices_column, prompt)
     for col in (text_column, label_column):
         if col not in first.column_names:
             raise SupernetError(
@@ -171,23 +175,57 @@ def load_task_data(
             "label": [index[to_name[v]] for v in batch[label_column]],
         }
 
-    splits = {}
-    for name, split in raw.items():
-        split = split.filter(lambda x: x[text_column] is not None and x[label_column] is not None)
-        splits[name] = split.map(convert, batched=True, remove_columns=split.column_names)
-    aliases = {"valid": "validation", "val": "validation", "dev": "validation"}
-    splits = {aliases.get(k, k): v for k, v in splits.items()}
-    if "train" not in splits:
-        raise SupernetError(f"dataset {spec!r} has no train split (splits: {', '.join(splits)})")
-    carved = _carve(splits["train"], "validation" not in splits, "test" not in splits)
-    splits.update(carved)
-    for name in ("train", "validation", "test"):
-        if len(splits[name]) == 0:
-            raise SupernetError(f"dataset {spec!r}: the {name} split is empty")
+    splits = _make_splits(raw, spec, convert, [text_column, label_column])
     return TaskData(
-        splits=DatasetDict({k: splits[k] for k in ("train", "validation", "test")}),
+        splits=splits,
         label_names=label_names,
         prompt=prompt or (builtin.prompt if builtin else "{text}\nAnswer:"),
         answers=dict(builtin.answers) if builtin else {},
         source=spec,
     )
+
+
+def _make_splits(raw: DatasetDict, spec: str, convert, required: list[str]) -> DatasetDict:
+    splits = {}
+    for name, split in raw.items():
+        split = split.filter(lambda x: all(x[c] is not None for c in required))
+        splits[name] = split.map(convert, batched=True, remove_columns=split.column_names)
+    aliases = {"valid": "validation", "val": "validation", "dev": "validation"}
+    splits = {aliases.get(k, k): v for k, v in splits.items()}
+    if "train" not in splits:
+        raise SupernetError(f"dataset {spec!r} has no train split (splits: {', '.join(splits)})")
+    splits.update(_carve(splits["train"], "validation" not in splits, "test" not in splits))
+    for name in ("train", "validation", "test"):
+        if len(splits[name]) == 0:
+            raise SupernetError(f"dataset {spec!r}: the {name} split is empty")
+    return DatasetDict({k: splits[k] for k in ("train", "validation", "test")})
+
+
+def _load_choices(raw: DatasetDict, spec: str, text_column: str, label_column: str, choices_column: str,
+                  prompt: str | None) -> TaskData:
+    """Multiple choice: every example has its own answers (a list of strings) and the label is
+    the index of the right one or the right answer itself. Causal-LM scores every answer."""
+    first = raw[next(iter(raw))]
+    for col in (text_column, label_column, choices_column):
+        if col not in first.column_names:
+            raise SupernetError(f"dataset {spec!r} has no column {col!r} (columns: {', '.join(first.column_names)})")
+
+    def convert(batch):
+        labels = []
+        for choices, label in zip(batch[choices_column], batch[label_column]):
+            if not isinstance(choices, list) or len(choices) < 2:
+                raise SupernetError(f"dataset {spec!r}: column {choices_column!r} must hold lists of 2+ answers")
+            if isinstance(label, str):
+                if label not in choices:
+                    raise SupernetError(f"dataset {spec!r}: answer {label!r} is not among its choices")
+                label = choices.index(label)
+            if not 0 <= int(label) < len(choices):
+                raise SupernetError(f"dataset {spec!r}: label {label!r} is not a valid choice index")
+            labels.append(int(label))
+        return {"text": [str(t) for t in batch[text_column]],
+                "choices": [[str(c) for c in cs] for cs in batch[choices_column]], "label": labels}
+
+    splits = _make_splits(raw, spec, convert, [text_column, label_column, choices_column])
+    widest = max(max(len(c) for c in splits[k]["choices"]) for k in splits)
+    return TaskData(splits=splits, label_names=[str(i) for i in range(widest)],
+                    prompt=prompt or "{text}\nAnswer:", source=spec, has_choices=True)

@@ -30,6 +30,7 @@ class Encoded:
     splits: dict[str, Dataset]
     pad_id: int
     answer_ids: list[list[int]]  # causal-lm only: token ids of each label's answer
+    num_classes: int  # classes, or the most answers any multiple-choice example has
 
 
 def encode(data: TaskData, tokenizer, task: str, max_length: int) -> Encoded:
@@ -41,19 +42,29 @@ def encode(data: TaskData, tokenizer, task: str, max_length: int) -> Encoded:
             return dict(enc)
 
         splits = {k: v.map(fn, batched=True, remove_columns=v.column_names) for k, v in data.splits.items()}
-        return Encoded(task, splits, tokenizer.pad_token_id, [])
+        return Encoded(task, splits, tokenizer.pad_token_id, [], len(data.label_names))
 
-    answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in data.answer_words()]
-    budget = max_length - max(len(a) for a in answers)
+    answers = [] if data.has_choices else [
+        tokenizer(a, add_special_tokens=False)["input_ids"] for a in data.answer_words()
+    ]
 
     def fn_lm(batch):
         prompts = [data.prompt.format(text=t) for t in batch["text"]]
         ids = tokenizer(prompts)["input_ids"]
-        ids = [p[-budget:] for p in ids]  # keep the end: the question sits there
-        return {"prompt_ids": ids, "labels": batch["label"]}
+        out = {"labels": batch["label"]}
+        if data.has_choices:  # per-example answers
+            out["choice_ids"] = [
+                [tokenizer(" " + c.strip(), add_special_tokens=False)["input_ids"] for c in cs]
+                for cs in batch["choices"]
+            ]
+            longest = [max(len(a) for a in cs) for cs in out["choice_ids"]]
+        else:
+            longest = [max(len(a) for a in answers)] * len(ids)
+        out["prompt_ids"] = [p[-(max_length - n):] for p, n in zip(ids, longest)]  # keep the end
+        return out
 
     splits = {k: v.map(fn_lm, batched=True, remove_columns=v.column_names) for k, v in data.splits.items()}
-    return Encoded(task, splits, tokenizer.pad_token_id, answers)
+    return Encoded(task, splits, tokenizer.pad_token_id, answers, len(data.label_names))
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -69,29 +80,35 @@ def collate(enc: Encoded, rows: list[dict]) -> dict[str, torch.Tensor]:
         return batch
     seqs, labels = [], []
     for r in rows:
-        answer = enc.answer_ids[r["labels"]]
+        answer = _answers(enc, r)[r["labels"]]
         seqs.append(list(r["prompt_ids"]) + answer)
         labels.append([IGNORE] * len(r["prompt_ids"]) + answer)
     mask = [[1] * len(s) for s in seqs]
     return {"input_ids": _pad(seqs, enc.pad_id), "attention_mask": _pad(mask, 0), "labels": _pad(labels, IGNORE)}
 
 
-def _choice_scores(model: nn.Module, enc: Encoded, rows: list[dict], device) -> torch.Tensor:
-    """Sum of log-probabilities of each answer after each prompt, shape ``(B, K)``."""
-    seqs, spans = [], []
-    for r in rows:
+def _answers(enc: Encoded, row: dict) -> list[list[int]]:
+    return row["choice_ids"] if "choice_ids" in row else enc.answer_ids
+
+
+def _choice_scores(model: nn.Module, enc: Encoded, rows: list[dict], device, width: int) -> torch.Tensor:
+    """Sum of log-probabilities of each answer after each prompt, shape ``(B, width)``;
+    examples with fewer answers than ``width`` get ``-inf`` in the missing places."""
+    seqs, spans, owner = [], [], []
+    for b, r in enumerate(rows):
         p = list(r["prompt_ids"])
-        for answer in enc.answer_ids:
+        for k, answer in enumerate(_answers(enc, r)):
             spans.append((len(p), len(answer)))
             seqs.append(p + answer)
+            owner.append((b, k))
     ids = _pad(seqs, enc.pad_id).to(device)
     mask = _pad([[1] * len(s) for s in seqs], 0).to(device)
     logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-    scores = torch.empty(len(seqs), device=device)
+    scores = torch.full((len(rows), width), float("-inf"), device=device)
     for i, (start, n) in enumerate(spans):
         targets = ids[i, start : start + n]
-        scores[i] = logp[i, start - 1 : start - 1 + n].gather(-1, targets[:, None]).sum()
-    return scores.view(len(rows), len(enc.answer_ids))
+        scores[owner[i]] = logp[i, start - 1 : start - 1 + n].gather(-1, targets[:, None]).sum()
+    return scores
 
 
 @torch.no_grad()
@@ -123,7 +140,7 @@ def evaluate(
                 batch = {k: v.to(device) for k, v in collate(enc, rows).items() if k != "labels"}
                 logits = model(**batch).logits.float()
             else:
-                logits = _choice_scores(model, enc, rows, device)
+                logits = _choice_scores(model, enc, rows, device, enc.num_classes)
             all_logits.append(logits.cpu())
             all_labels.append(labels.cpu())
     finally:

@@ -54,6 +54,7 @@ class TrainConfig:
     text_column: str = "text"
     label_column: str = "label"
     prompt: str | None = None  # causal-lm prompt with {text}; built-ins bring their own
+    choices_column: str | None = None  # multiple choice: a column of answer lists (causal-lm)
     target_modules: list[str] | None = None  # None: every projection in the blocks
     ranks: list[int] = field(default_factory=lambda: [32, 24, 16])
     alpha: float = 32.0
@@ -178,7 +179,9 @@ def build(cfg: TrainConfig, seed: int | None = None) -> Setup:
     groups = load_groups(cfg.groups)
     _, model_config = load_config(cfg.model)
     task = cfg.task or infer_task(model_config)
-    data = load_task_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.prompt)
+    data = load_task_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.prompt, cfg.choices_column)
+    if data.has_choices and task != "causal-lm":
+        raise SupernetError("--choices-column needs a causal-LM model (answers are scored by likelihood)")
     model, tokenizer = load_model(cfg.model, task, num_labels=len(data.label_names))
     if cfg.train_samples is not None:
         data.splits["train"] = data.splits["train"].select(range(min(cfg.train_samples, len(data.splits["train"]))))
