@@ -68,7 +68,7 @@ def main() -> None:
                              "train_seconds": round(seconds, 1), "steps": args.steps})
             shutil.rmtree(cfg.run_dir(), ignore_errors=True)
         data = load_task_data(cfg.dataset)
-        for sub, rank in SUBNETS.items():
+        for rank in SUBNETS.values():
             if done(df, seed, "peft-lora", rank):
                 continue
             set_seed(seed)

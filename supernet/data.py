@@ -212,7 +212,7 @@ def _load_choices(raw: DatasetDict, spec: str, text_column: str, label_column: s
 
     def convert(batch):
         labels = []
-        for choices, label in zip(batch[choices_column], batch[label_column]):
+        for choices, label in zip(batch[choices_column], batch[label_column], strict=True):
             if not isinstance(choices, list) or len(choices) < 2:
                 raise SupernetError(f"dataset {spec!r}: column {choices_column!r} must hold lists of 2+ answers")
             if isinstance(label, str):

@@ -60,7 +60,7 @@ def encode(data: TaskData, tokenizer, task: str, max_length: int) -> Encoded:
             longest = [max(len(a) for a in cs) for cs in out["choice_ids"]]
         else:
             longest = [max(len(a) for a in answers)] * len(ids)
-        out["prompt_ids"] = [p[-(max_length - n):] for p, n in zip(ids, longest)]  # keep the end
+        out["prompt_ids"] = [p[-(max_length - n):] for p, n in zip(ids, longest, strict=True)]  # keep the end
         return out
 
     splits = {k: v.map(fn_lm, batched=True, remove_columns=v.column_names) for k, v in data.splits.items()}
