@@ -32,7 +32,13 @@ def peft_lora(model, rank: int, alpha: float):
 
 
 def train_fixed(model, enc, cfg, seed: int) -> float:
-    """Train any model with our trainer's recipe (single process); returns seconds."""
+    """Train any model with our trainer's recipe (single process); returns seconds.
+
+    Follows supernet.train.Trainer for the options this benchmark uses; refuses the others
+    rather than comparing unlike recipes.
+    """
+    if cfg.grad_accum != 1 or cfg.scaling != "lora" or cfg.dropout != 0 or cfg.train_samples is not None:
+        raise ValueError("train_fixed mirrors the default recipe only (grad_accum 1, alpha/r, no dropout)")
     set_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -63,7 +63,7 @@ TRAIN_FLAGS: list[tuple[str, dict]] = [
     ("eval-every", {"type": int}),
     ("save-every", {"type": int}),
     ("seed", {"type": int}),
-    ("mixed-precision", {"choices": ["auto", "no", "bf16", "fp16"]}),
+    ("mixed-precision", {"choices": ["auto", "no", "bf16"]}),
     ("name", {"help": "run name: the run goes to OUT/NAME [MODEL-DATASET]"}),
     ("out", {"help": "folder of runs [runs]"}),
 ]
@@ -135,7 +135,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.batch_size <= 0:
         raise SupernetError("--batch-size must be positive")
-    out = eval_run(args.run, args.subnet, args.split, args.predictions, args.limit, args.batch_size)
+    out = eval_run(args.run, args.subnet, args.split, args.predictions, args.limit, args.batch_size,
+                   progress=sys.stderr.isatty())
     print(json.dumps(out))
     return 0
 

@@ -158,6 +158,7 @@ def load_task_data(
     elif isinstance(feature, datasets.ClassLabel):
         label_names = list(feature.names)
         to_name = dict(enumerate(label_names))
+        raw = raw.filter(lambda x: x[label_column] is not None and x[label_column] >= 0)  # -1: unlabelled
     else:
         values = set()
         for split in raw.values():

@@ -19,6 +19,9 @@ def load_run(run_dir: str | Path) -> tuple[Setup, dict]:
         cfg = TrainConfig.from_dict(record["train"])
     except TypeError as e:
         raise SupernetError(f"run config of {str(run_dir)!r} is corrupt: {e}") from None
+    groups = record["supernet"].get("groups") if isinstance(record["supernet"], dict) else None
+    if groups is not None:
+        cfg.groups = groups  # the groups as trained, not a groups file that may have changed since
     weights = runio.weights_path(run_dir)
     setup = build(cfg)
     if record.get("groups") is not None and record["groups"] != setup.net.groups:
@@ -40,6 +43,7 @@ def eval_run(
     predictions: str | Path | None = None,
     limit: int | None = None,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> dict:
     """Accuracy, loss, MACs and trainable parameters of one sub-network on a split.
 
@@ -55,7 +59,7 @@ def eval_run(
     setup, record = load_run(run_dir)
     config = setup.net.activate(resolve_subnet(setup, subnet))
     res = evaluate(setup.net.model, setup.enc, split, batch_size=batch_size, limit=limit,
-                   return_logits=predictions is not None)
+                   return_logits=predictions is not None, progress=progress)
     out = {
         "run": str(run_dir),
         "subnet": subnet,

@@ -8,7 +8,7 @@ layouts all work. Adapters are grouped; every adapter of a group takes the group
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,15 +102,18 @@ class SuperNetConfig:
         return self.ranks[0]
 
 
-def _block_group(name: str) -> str:
+def _block_group(name: str, short: bool) -> str:
+    """``L3.qkv`` style names; with several stacks of blocks (encoder and decoder, say) the
+    stack's path is kept: ``model.decoder.layers.3.qkv``."""
     m = _BLOCK.search(name)
     if m is None:
         return name
+    block = f"L{m.group(1)}" if short else name[: m.end() - 1]
     leaf = name.rsplit(".", 1)[-1]
     for role, leaves in SHARED_ROLES.items():
         if leaf in leaves:
-            return f"L{m.group(1)}.{role}"
-    return f"L{m.group(1)}.{name[m.end():]}"
+            return f"{block}.{role}"
+    return f"{block}.{name[m.end():]}"
 
 
 def assign_groups(names: list[str], groups: str | Mapping[str, list[str]]) -> dict[str, list[str]]:
@@ -121,8 +124,9 @@ def assign_groups(names: list[str], groups: str | Mapping[str, list[str]]) -> di
     if groups == "global":
         return {"all": list(names)}
     if groups == "block":
+        stacks = {n[: m.start()] for n in names if (m := _BLOCK.search(n))}
         for n in names:
-            out.setdefault(_block_group(n), []).append(n)
+            out.setdefault(_block_group(n, short=len(stacks) <= 1), []).append(n)
         return out
     owner: dict[str, str] = {}
     for g, patterns in groups.items():
@@ -155,11 +159,15 @@ class SuperNetwork:
     def __init__(self, model: nn.Module, config: SuperNetConfig) -> None:
         self.model = model
         self.config = config
+        def in_head(name: str) -> bool:  # the module or one of its parents is trained whole
+            parts = name.split(".")
+            prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            return any(matches(q, p) for q in prefixes for p in config.trainable_modules)
+
         targets = [
             (n, m)
             for n, m in model.named_modules()
-            if n and is_adaptable(m) and any(matches(n, p) for p in config.target_modules)
-            and not any(matches(n, p) for p in config.trainable_modules)
+            if n and is_adaptable(m) and any(matches(n, p) for p in config.target_modules) and not in_head(n)
         ]
         if not targets:
             linear = [n for n, m in model.named_modules() if is_adaptable(m)][:4]
@@ -320,6 +328,3 @@ class SuperNetwork:
             "space_size": self.space.size(),
         }
 
-
-def iter_named_configs(net: SuperNetwork, names: Iterable[str]) -> list[tuple[str, Config]]:
-    return [(n, net.space.named_config(n)) for n in names]

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
+from tqdm.auto import tqdm
 
 from supernet.data import TaskData
+from supernet.errors import SupernetError
 
 IGNORE = -100
 
@@ -48,6 +50,10 @@ def encode(data: TaskData, tokenizer, task: str, max_length: int) -> Encoded:
         tokenizer(a, add_special_tokens=False)["input_ids"] for a in data.answer_words()
     ]
 
+    longest_answer = max((len(a) for a in answers), default=0)
+    if longest_answer >= max_length:
+        raise SupernetError(f"--max-length {max_length} leaves no room for the prompt before the answer")
+
     def fn_lm(batch):
         prompts = [data.prompt.format(text=t) for t in batch["text"]]
         ids = tokenizer(prompts)["input_ids"]
@@ -58,6 +64,8 @@ def encode(data: TaskData, tokenizer, task: str, max_length: int) -> Encoded:
                 for cs in batch["choices"]
             ]
             longest = [max(len(a) for a in cs) for cs in out["choice_ids"]]
+            if max(longest) >= max_length:
+                raise SupernetError(f"--max-length {max_length} leaves no room for the prompt before an answer")
         else:
             longest = [max(len(a) for a in answers)] * len(ids)
         out["prompt_ids"] = [p[-(max_length - n):] for p, n in zip(ids, longest, strict=True)]  # keep the end
@@ -120,6 +128,7 @@ def evaluate(
     limit: int | None = None,
     device=None,
     return_logits: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Accuracy and loss of ``model`` (at whatever sub-network is active) on a split.
 
@@ -133,7 +142,7 @@ def evaluate(
     model.eval()
     all_logits, all_labels = [], []
     try:
-        for start in range(0, n, batch_size):
+        for start in tqdm(range(0, n, batch_size), desc=f"eval {split}", disable=not progress, leave=False):
             rows = [ds[i] for i in range(start, min(n, start + batch_size))]
             labels = torch.tensor([r["labels"] for r in rows], device=device)
             if enc.task == "seq-cls":

@@ -60,7 +60,7 @@ class TrainConfig:
     alpha: float = 32.0
     scaling: str = "lora"
     dropout: float = 0.0
-    groups: str = "block"  # block | module | global | path to a JSON {group: [patterns]}
+    groups: str | dict = "block"  # block | module | global | JSON file path | {group: [patterns]}
     sampler: str = "uniform"
     sandwich_random: int = 2  # the k random configs of a sandwich step (besides max and min)
     max_steps: int = 400
@@ -81,11 +81,13 @@ class TrainConfig:
     out: str = "runs"
 
     def __post_init__(self) -> None:
+        self._coerce_types()
         if self.task is not None and self.task not in TASKS:
             raise SupernetError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.sampler not in SAMPLERS:
             raise SupernetError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        positive = ("max_steps", "batch_size", "grad_accum", "max_length", "eval_every", "save_every")
+        positive = ("max_steps", "batch_size", "grad_accum", "max_length", "eval_every", "save_every",
+                    "lr", "alpha", "max_grad_norm")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SupernetError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -93,22 +95,48 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise SupernetError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        if self.sandwich_random < 0:
-            raise SupernetError("--sandwich-random must be >= 0")
-        if self.lr <= 0:
-            raise SupernetError(f"--lr must be positive, got {self.lr}")
+        for name in ("sandwich_random", "weight_decay", "seed"):
+            if getattr(self, name) < 0:
+                raise SupernetError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             raise SupernetError("--warmup-ratio must be in [0, 1)")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise SupernetError("--mixed-precision must be auto, no, bf16 or fp16")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise SupernetError("--mixed-precision must be auto, no or bf16")
         if self.prompt is not None and "{text}" not in self.prompt:
             raise SupernetError("--prompt must contain {text}")
-        if isinstance(self.ranks, str):
-            self.ranks = parse_int_list(self.ranks, "--ranks")
         if not self.ranks:
             raise SupernetError("the rank choice list is empty")
         if any(r <= 0 for r in self.ranks):
             raise SupernetError(f"ranks must be positive, got {self.ranks}")
+
+    def _coerce_types(self) -> None:
+        """Options may come from YAML (``lr: 5e-4`` is a string there, ``no`` a boolean):
+        convert each to its field's type or fail with one clear line."""
+        if self.mixed_precision is False:
+            self.mixed_precision = "no"
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kind = str(f.type)
+            if v is None and "None" in kind:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            try:
+                if kind.startswith("list[int]"):
+                    v = parse_int_list(v, flag) if isinstance(v, str) else [_as_int(x) for x in _as_list(v)]
+                elif kind.startswith("list[str]"):
+                    v = [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else [
+                        _as_str(x) for x in _as_list(v)]
+                elif kind.startswith("int"):
+                    v = _as_int(v)
+                elif kind.startswith("float"):
+                    v = _as_float(v)
+                elif kind.startswith("str | dict"):
+                    v = v if isinstance(v, dict) else _as_str(v)
+                elif kind.startswith("str"):
+                    v = _as_str(v)
+            except (TypeError, ValueError):
+                raise SupernetError(f"{flag} has the wrong type: {v!r}") from None
+            setattr(self, f.name, v)
 
     def run_dir(self) -> Path:
         name = self.name or f"{Path(self.model).name}-{Path(self.dataset).stem}"
@@ -117,10 +145,36 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise SupernetError("training options must be a mapping")
         unknown = sorted(set(data) - names)
         if unknown:
-            raise SupernetError(f"unknown training option(s): {', '.join(unknown)}")
+            raise SupernetError(f"unknown training option(s): {', '.join(map(str, unknown))}")
         return cls(**data)
+
+
+def _as_list(v) -> list:
+    if not isinstance(v, (list, tuple)):
+        raise TypeError
+    return list(v)
+
+
+def _as_int(v) -> int:
+    if isinstance(v, bool) or isinstance(v, float) and not v.is_integer():
+        raise TypeError
+    return int(v)
+
+
+def _as_float(v) -> float:
+    if isinstance(v, bool):
+        raise TypeError
+    return float(v)
+
+
+def _as_str(v) -> str:
+    if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+        raise TypeError
+    return str(v)
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
@@ -133,8 +187,8 @@ def parse_int_list(text: str, what: str) -> list[int]:
         raise SupernetError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
-def load_groups(spec: str) -> str | dict:
-    if spec in ("block", "module", "global"):
+def load_groups(spec: str | dict) -> str | dict:
+    if isinstance(spec, dict) or spec in ("block", "module", "global"):
         return spec
     p = Path(spec)
     if not p.is_file():
@@ -337,6 +391,7 @@ class Trainer:
         columns = ["step", "epoch", "loss", "lr", "grad_norm", "seconds", "config"]
         log = _CsvAppender(log_path, columns) if main else None
         elog = _CsvAppender(eval_path, ["step", "subnet", "accuracy", "loss", "examples"]) if main else None
+        last_eval: list[dict] = []
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not main, dynamic_ncols=True)
         self.model.train()
         t0 = time.perf_counter()
@@ -346,10 +401,13 @@ class Trainer:
             total = 0.0
             n_back = cfg.grad_accum * len(configs)
             k = 0
+            active = []  # what the layers really ran, for the per-process trace
             for micro in range(cfg.grad_accum):
                 batch = self.micro_batch(self.step * cfg.grad_accum + micro)
                 for config in configs:
                     self.net.activate(config)
+                    if trace is not None:
+                        active.append(config_digest(self.net.active_config()))
                     k += 1
                     sync = contextlib.nullcontext() if k == n_back else acc.no_sync(self.model)
                     with sync:
@@ -357,20 +415,23 @@ class Trainer:
                         acc.backward(loss)
                     total += float(loss.detach())
             grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+            if acc.num_processes > 1:  # log the loss of the whole global batch
+                total = float(acc.reduce(torch.tensor(total, device=acc.device), reduction="mean"))
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
             if trace is not None:
-                trace.write(json.dumps({"step": self.step, "configs": [config_digest(c) for c in configs]}) + "\n")
+                trace.write(json.dumps({"step": self.step, "configs": active}) + "\n")
             if main:
                 log.write([self.step, (self.step * cfg.grad_accum - 1) // self.batches_per_epoch, f"{total:.6f}",
-                           f"{self.scheduler.get_last_lr()[0]:.3e}", f"{float(grad_norm):.4f}",
+                           f"{lr:.3e}", f"{float(grad_norm):.4f}",
                            f"{time.perf_counter() - t0:.2f}", json.dumps(configs[0] if len(configs) == 1 else configs)])
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.4f}")
             if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                 if main:
-                    rows = self.validate()
+                    rows = last_eval = self.validate()
                     for r in rows:
                         elog.write([r["step"], r["subnet"], f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", r["examples"]])
                     bar.write(f"step {self.step}: " + ", ".join(
@@ -390,7 +451,7 @@ class Trainer:
         if main:
             runio.save_tensors(self.run_dir / runio.ADAPTER, final)
             summary = {"steps": self.step, "train_seconds": round(time.perf_counter() - t0, 2),
-                       "processes": acc.num_processes, "validation": self.validate()}
+                       "processes": acc.num_processes, "validation": last_eval}
             runio.write_json(self.run_dir / "summary.json", summary)
         acc.wait_for_everyone()
         return summary
@@ -455,18 +516,29 @@ def train(cfg: TrainConfig, *, overwrite: bool = False,
           on_step: Callable[[int, Trainer], None] | None = None) -> dict:
     """Build, then train into ``cfg.run_dir()``; returns the summary (main process)."""
     run_dir = cfg.run_dir()
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise SupernetError(f"run directory {str(run_dir)!r} exists; use --resume to continue, --overwrite or --name")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if not overwrite:
+            raise SupernetError(
+                f"run directory {str(run_dir)!r} exists; use --resume to continue, --overwrite or --name"
+            )
+        if not (run_dir / runio.CONFIG).is_file():
+            raise SupernetError(f"--overwrite refuses to delete {str(run_dir)!r}: it is not a supernet run")
     return _run(cfg, run_dir, resuming=False, on_step=on_step)
 
 
 def resume(run_dir: str | Path, max_steps: int | None = None,
            on_step: Callable[[int, Trainer], None] | None = None) -> dict:
-    """Continue a run from its checkpoint with its saved configuration (optionally longer)."""
+    """Continue a run from its checkpoint with its saved configuration.
+
+    With the same ``max_steps`` the result equals the uninterrupted run exactly. A larger
+    ``max_steps`` extends training; the cosine schedule is then stretched to the new length
+    from the checkpoint on.
+    """
     run_dir = Path(run_dir)
     cfg = TrainConfig.from_dict(runio.read_run_config(run_dir)["train"])
     if max_steps is not None:
         cfg.max_steps = max_steps
+        cfg.__post_init__()
     return _run(cfg, run_dir, resuming=True, on_step=on_step)
 
 
@@ -478,9 +550,12 @@ def _run(cfg: TrainConfig, run_dir: Path, resuming: bool, on_step) -> dict:
         if trainer.step >= cfg.max_steps:
             raise SupernetError(f"run {str(run_dir)!r} already reached step {trainer.step}; raise --max-steps")
     if trainer.accelerator.is_main_process:
-        if not resuming and run_dir.exists():
-            shutil.rmtree(run_dir)
+        record = run_record(setup)
+        if resuming:
+            (run_dir / runio.ADAPTER).unlink(missing_ok=True)  # stale until this run ends
+        elif run_dir.exists():
+            shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
-        runio.write_json(run_dir / runio.CONFIG, run_record(setup))
+        runio.write_json(run_dir / runio.CONFIG, record)
     trainer.accelerator.wait_for_everyone()
     return trainer.train()

@@ -69,6 +69,33 @@ def test_yaml_config_and_flag_override(capsys, tiny_train_args, tmp_path):
     assert record["train"]["max_steps"] == 2  # the flag wins over the file
 
 
+def test_yaml_types_are_checked(capsys, tiny_train_args, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lr: 5e-4\nmixed-precision: no\nmax-steps: 2\n")  # YAML: a string and a boolean
+    code, _, err = run_cli(capsys, "train", "--config", str(cfg), *tiny_train_args[:8], "--out",
+                           str(tmp_path / "runs"), "--name", "types", "--max-length", "16")
+    assert code == 0, err
+    record = json.loads((tmp_path / "runs" / "types" / "config.json").read_text())
+    assert record["train"]["lr"] == 5e-4 and record["train"]["mixed_precision"] == "no"
+    for bad, message in [("ranks: 32\n", "wrong type"), ("alpha: [1]\n", "wrong type"), ("seed: -1\n", ">= 0"),
+                         ("max-grad-norm: -1\n", "positive"), ("colour: red\n", "unknown training option"),
+                         ("- a list\n", "mapping")]:
+        cfg.write_text(bad)
+        code, _, err = run_cli(capsys, "train", "--config", str(cfg), *tiny_train_args[:8], "--name", "t2",
+                               "--out", str(tmp_path / "runs"))
+        assert code == 2 and message in err and err.count("\n") == 1, (bad, err)
+        assert not (tmp_path / "runs" / "t2").exists()
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(capsys, tiny_train_args, tmp_path):
+    precious = tmp_path / "runs" / "src"
+    precious.mkdir(parents=True)
+    (precious / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "train", *tiny_train_args, "--name", "src", "--overwrite")
+    assert code == 2 and "not a supernet run" in err
+    assert (precious / "keep.txt").read_text() == "mine"
+
+
 BAD_TRAIN = [
     (["--model", "/no/such/model-dir"], "cannot load model"),
     (["--dataset", "no-such-dataset-xyz"], "unknown dataset"),

@@ -63,7 +63,6 @@ def test_minilm_rotten_tomatoes_short_nls_run(tmp_path):
     for sub in ("max", "min"):
         after = eval_run(cfg.run_dir(), sub, "validation", limit=200)
         assert after["loss"] < before[sub], (sub, before[sub], after["loss"])
-        assert after["accuracy"] > 0.6
 
 
 def test_smollm2_causal_lm_path(tmp_path):

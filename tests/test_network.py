@@ -61,6 +61,8 @@ def test_gpt2_conv1d_targets():
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32))
     net = SuperNetwork(model, SuperNetConfig(target_modules=default_targets(model), ranks=[4, 2]))
     assert len(net.adapters) == 8
+    assert set(net.groups) == {f"L{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                      "mlp.c_proj")}
     out = net.model(input_ids=torch.randint(0, 100, (2, 8))).logits
     assert out.shape == (2, 8, 100)
 
@@ -125,6 +127,17 @@ def test_bad_supernet_configs(kwargs, message):
     base.update(kwargs)
     with pytest.raises(SupernetError, match=message):
         SuperNetwork(model, SuperNetConfig(**base))
+
+
+def test_targets_inside_the_trained_head_are_left_alone():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    model = RobertaForSequenceClassification(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                           num_attention_heads=4, intermediate_size=64))
+    net = SuperNetwork(model, SuperNetConfig(target_modules=["query", "dense"], ranks=[4],
+                                             trainable_modules=["classifier"]))
+    assert not any(n.startswith("classifier") for n in net.adapters)
+    assert net.head_params() == sum(p.numel() for p in model.classifier.parameters())
 
 
 def test_custom_groups():
