@@ -75,6 +75,13 @@ def encode(data: TaskData, tokenizer, task: str, max_length: int) -> Encoded:
     return Encoded(task, splits, tokenizer.pad_token_id, answers, len(data.label_names))
 
 
+def rows_of(ds: Dataset, indices) -> list[dict]:
+    """Rows ``indices`` of a dataset in one columnar read (much faster than row by row)."""
+    cols = ds[[int(i) for i in indices]]
+    keys = list(cols)
+    return [dict(zip(keys, vals, strict=True)) for vals in zip(*(cols[k] for k in keys), strict=True)]
+
+
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
@@ -138,12 +145,16 @@ def evaluate(
     ds = enc.splits[split]
     n = len(ds) if limit is None else min(limit, len(ds))
     device = device or next(model.parameters()).device
+    # Batches of similar length waste little on padding; results go back to dataset order.
+    length_col = "input_ids" if enc.task == "seq-cls" else "prompt_ids"
+    order = np.argsort([-len(x) for x in ds.select(range(n))[length_col]], kind="stable")
     was_training = model.training
     model.eval()
     all_logits, all_labels = [], []
     try:
-        for start in tqdm(range(0, n, batch_size), desc=f"eval {split}", disable=not progress, leave=False):
-            rows = [ds[i] for i in range(start, min(n, start + batch_size))]
+        starts = range(0, n, batch_size)
+        for start in tqdm(starts, desc=f"eval {split}", disable=not progress, leave=False):
+            rows = rows_of(ds, order[start : start + batch_size])
             labels = torch.tensor([r["labels"] for r in rows], device=device)
             if enc.task == "seq-cls":
                 batch = {k: v.to(device) for k, v in collate(enc, rows).items() if k != "labels"}
@@ -154,8 +165,9 @@ def evaluate(
             all_labels.append(labels.cpu())
     finally:
         model.train(was_training)
-    logits = torch.cat(all_logits)
-    labels = torch.cat(all_labels)
+    inverse = torch.from_numpy(np.argsort(order, kind="stable"))
+    logits = torch.cat(all_logits)[inverse]
+    labels = torch.cat(all_labels)[inverse]
     out = {
         "accuracy": float((logits.argmax(-1) == labels).float().mean()),
         "loss": float(F.cross_entropy(logits, labels)),

@@ -35,7 +35,7 @@ from supernet.errors import SupernetError
 from supernet.models import TASKS, infer_task, load_config, load_model
 from supernet.network import SuperNetConfig, SuperNetwork, default_targets
 from supernet.space import Config
-from supernet.tasks import Encoded, collate, encode, epoch_order, evaluate
+from supernet.tasks import Encoded, collate, encode, epoch_order, evaluate, rows_of
 
 SAMPLERS = ("uniform", "sandwich")
 HEAD_PATTERNS = ["classifier", "score"]
@@ -315,8 +315,7 @@ class Trainer:
         world, rank, bs = self.accelerator.num_processes, self.accelerator.process_index, self.cfg.batch_size
         start = (j * world + rank) * bs
         idx = self._order[1][start : start + bs]
-        ds = self.s.enc.splits["train"]
-        batch = collate(self.s.enc, [ds[int(i)] for i in idx])
+        batch = collate(self.s.enc, rows_of(self.s.enc.splits["train"], idx))
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     # ---------------------------------------------------------------- checkpoints
