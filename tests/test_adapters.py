@@ -47,16 +47,20 @@ def test_gradients_reach_only_active_slice():
 
 
 def test_active_rank_holds_in_eval_and_train():
+    """SQFT's layer silently evaluated at full rank; ours keeps the chosen rank in eval too."""
     ad = _adapter()
-    ad.set_active(2)
     x = torch.randn(3, 12)
-    ad.eval()
-    y_eval = ad(x)
-    ad.train()
-    torch.testing.assert_close(ad(x), y_eval)
-    assert ad.active_rank == 2
+    full = ad(x)
+    ad.set_active(2)
+    at_two = ad.base(x) + x @ ad.lora_A[:2].t() @ ad.lora_B[:, :2].t() * (16.0 / 2)
+    for mode in (ad.eval, ad.train, ad.eval):
+        mode()
+        assert ad.active_rank == 2
+        torch.testing.assert_close(ad(x), at_two)
+    assert not torch.allclose(ad(x), full)
     ad.reset()
     assert ad.active_rank == 8
+    torch.testing.assert_close(ad(x), full)
 
 
 @pytest.mark.parametrize(
