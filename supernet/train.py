@@ -353,10 +353,13 @@ class Trainer:
                 f"checkpoint was written by {state.get('processes')} process(es); resume with the same number"
             )
         self.net.load_trainable_state_dict(runio.load_tensors(ckpt / "trainable.safetensors"))
-        opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
-        rng = load_file(str(ckpt / f"rng{self.accelerator.process_index}.safetensors"))
+        try:
+            opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+            self.optimizer.load_state_dict(opt["optimizer"])
+            self.scheduler.load_state_dict(opt["scheduler"])
+            rng = load_file(str(ckpt / f"rng{self.accelerator.process_index}.safetensors"))
+        except Exception as e:  # a truncated or foreign file: many error types, one message
+            raise SupernetError(f"checkpoint of {str(self.run_dir)!r} is corrupt: {type(e).__name__}") from None
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

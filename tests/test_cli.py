@@ -87,6 +87,18 @@ def test_yaml_types_are_checked(capsys, tiny_train_args, tmp_path):
         assert not (tmp_path / "runs" / "t2").exists()
 
 
+def test_resume_of_a_broken_checkpoint(capsys, tiny_train_args, tmp_path):
+    assert run_cli(capsys, "train", *tiny_train_args, "--name", "r")[0] == 0
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoint" / "optimizer.pt").write_bytes(b"truncated")
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--max-steps", "9")
+    assert code == 2 and "corrupt" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--lr", "0.1")
+    assert code == 2 and "only --max-steps" in err
+    code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path / "nowhere"))
+    assert code == 2 and "does not exist" in err
+
+
 def test_overwrite_refuses_a_folder_that_is_not_a_run(capsys, tiny_train_args, tmp_path):
     precious = tmp_path / "runs" / "src"
     precious.mkdir(parents=True)
