@@ -13,7 +13,7 @@ import torch
 from accelerate.utils import set_seed
 from transformers import get_cosine_schedule_with_warmup
 
-from supernet.tasks import collate, epoch_order
+from supernet.tasks import BatchOrder, collate, rows_of
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 TARGETS = ["query", "key", "value", "dense"]
@@ -44,16 +44,11 @@ def train_fixed(model, enc, cfg, seed: int) -> float:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * cfg.max_steps), cfg.max_steps)
     ds = enc.splits["train"]
-    per_epoch = len(ds) // cfg.batch_size
-    order = None
+    order = BatchOrder(len(ds), cfg.batch_size, seed)  # the trainer's data order
     model.train()
     t0 = time.perf_counter()
     for step in range(cfg.max_steps):
-        epoch, j = divmod(step, per_epoch)
-        if order is None or order[0] != epoch:
-            order = (epoch, epoch_order(len(ds), seed, epoch))
-        idx = order[1][j * cfg.batch_size:(j + 1) * cfg.batch_size]
-        batch = collate(enc, [ds[int(i)] for i in idx])
+        batch = collate(enc, rows_of(ds, order.indices(step)))
         opt.zero_grad(set_to_none=True)
         model(**batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

@@ -106,15 +106,11 @@ def _read_options_file(path: str) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from supernet.train import TrainConfig, parse_int_list, resume, train
+    from supernet.train import TrainConfig, resume, train
 
     options = _read_options_file(args.config) if args.config else {}
     flags = {f.replace("-", "_") for f, _ in TRAIN_FLAGS}
     options.update({k: v for k, v in vars(args).items() if k in flags})
-    if isinstance(options.get("ranks"), str):
-        options["ranks"] = parse_int_list(options["ranks"], "--ranks")
-    if isinstance(options.get("target_modules"), str):
-        options["target_modules"] = _csv(options["target_modules"])
     if args.resume:
         extra = set(options) - {"max_steps"}
         if extra:

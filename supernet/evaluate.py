@@ -15,10 +15,7 @@ from supernet.train import Setup, TrainConfig, build
 def load_run(run_dir: str | Path) -> tuple[Setup, dict]:
     """Rebuild a run's super-network from ``config.json`` and load its trained weights."""
     record = runio.read_run_config(run_dir)
-    try:
-        cfg = TrainConfig.from_dict(record["train"])
-    except TypeError as e:
-        raise SupernetError(f"run config of {str(run_dir)!r} is corrupt: {e}") from None
+    cfg = TrainConfig.from_dict(record["train"])  # checks every option's type
     groups = record["supernet"].get("groups") if isinstance(record["supernet"], dict) else None
     if groups is not None:
         cfg.groups = groups  # the groups as trained, not a groups file that may have changed since

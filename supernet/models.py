@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -55,8 +56,6 @@ def _cache_gguf(name: str, pkg: Path, gguf_file: str) -> Path:
     clean.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     tmp.rename(target)
     return target

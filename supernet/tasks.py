@@ -179,6 +179,29 @@ def evaluate(
     return out
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The training order of one epoch: a permutation drawn from ``(seed, epoch)`` alone."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+class BatchOrder:
+    """Which training examples micro-batch ``m`` holds on process ``rank`` of ``world``.
+
+    Each epoch is a permutation drawn from ``(seed, epoch)`` alone, and the ``world``
+    processes take consecutive slices of it, so together they see what one process with a
+    ``world`` times larger batch sees. Random access: a resumed run picks up exactly.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, world: int = 1, rank: int = 0) -> None:
+        self.n, self.batch_size, self.seed, self.world, self.rank = n, batch_size, seed, world, rank
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise SupernetError(
+                f"the train split has {n} examples, fewer than one batch of {batch_size} x {world} processes"
+            )
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def epoch_of(self, m: int) -> int:
+        return m // self.per_epoch
+
+    def indices(self, m: int) -> np.ndarray:
+        epoch, j = divmod(m, self.per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        start = (j * self.world + self.rank) * self.batch_size
+        return self._epoch[1][start : start + self.batch_size]

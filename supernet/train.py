@@ -35,7 +35,7 @@ from supernet.errors import SupernetError
 from supernet.models import TASKS, infer_task, load_config, load_model
 from supernet.network import SuperNetConfig, SuperNetwork, default_targets
 from supernet.space import Config
-from supernet.tasks import Encoded, collate, encode, epoch_order, evaluate, rows_of
+from supernet.tasks import BatchOrder, Encoded, collate, encode, evaluate, rows_of
 
 SAMPLERS = ("uniform", "sandwich")
 HEAD_PATTERNS = ["classifier", "score"]
@@ -104,10 +104,6 @@ class TrainConfig:
             raise SupernetError("--mixed-precision must be auto, no or bf16")
         if self.prompt is not None and "{text}" not in self.prompt:
             raise SupernetError("--prompt must contain {text}")
-        if not self.ranks:
-            raise SupernetError("the rank choice list is empty")
-        if any(r <= 0 for r in self.ranks):
-            raise SupernetError(f"ranks must be positive, got {self.ranks}")
 
     def _coerce_types(self) -> None:
         """Options may come from YAML (``lr: 5e-4`` is a string there, ``no`` a boolean):
@@ -297,25 +293,14 @@ class Trainer:
         )
         self.model = self.accelerator.prepare(self.net.model)
         self.step = 0
-        world, bs = self.accelerator.num_processes, self.cfg.batch_size
-        self.batches_per_epoch = len(setup.enc.splits["train"]) // (bs * world)
-        if self.batches_per_epoch == 0:
-            raise SupernetError(
-                f"the train split has {len(setup.enc.splits['train'])} examples, fewer than one "
-                f"batch of {bs} x {world} processes"
-            )
-        self._order: tuple[int, np.ndarray] | None = None
+        acc = self.accelerator
+        self.order = BatchOrder(len(setup.enc.splits["train"]), self.cfg.batch_size, self.cfg.seed,
+                                acc.num_processes, acc.process_index)
 
     # ---------------------------------------------------------------- data
     def micro_batch(self, m: int) -> dict[str, torch.Tensor]:
-        """The ``m``-th micro-batch of this process (random access, so resume is exact)."""
-        epoch, j = divmod(m, self.batches_per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.s.enc.splits["train"]), self.cfg.seed, epoch))
-        world, rank, bs = self.accelerator.num_processes, self.accelerator.process_index, self.cfg.batch_size
-        start = (j * world + rank) * bs
-        idx = self._order[1][start : start + bs]
-        batch = collate(self.s.enc, rows_of(self.s.enc.splits["train"], idx))
+        """The ``m``-th micro-batch of this process."""
+        batch = collate(self.s.enc, rows_of(self.s.enc.splits["train"], self.order.indices(m)))
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     # ---------------------------------------------------------------- checkpoints
@@ -426,7 +411,7 @@ class Trainer:
             if trace is not None:
                 trace.write(json.dumps({"step": self.step, "configs": active}) + "\n")
             if main:
-                log.write([self.step, (self.step * cfg.grad_accum - 1) // self.batches_per_epoch, f"{total:.6f}",
+                log.write([self.step, self.order.epoch_of(self.step * cfg.grad_accum - 1), f"{total:.6f}",
                            f"{lr:.3e}", f"{float(grad_norm):.4f}",
                            f"{time.perf_counter() - t0:.2f}", json.dumps(configs[0] if len(configs) == 1 else configs)])
                 bar.update(1)
