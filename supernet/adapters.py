@@ -161,7 +161,13 @@ class ElasticLoRA(ElasticAdapter):
         return self.lora_A[:r], self.lora_B[:, :r]
 
     def delta_weight(self) -> torch.Tensor:
-        """``s * B[:, :r] A[:r]``, shape ``(out, in)``."""
+        """``s * B[:, :r] A[:r]``, shape ``(out, in)``: ``nn.Linear`` orientation, always.
+
+        A GPT-2 ``Conv1D`` stores its weight as ``(in, out)``, so a merge into one adds
+        ``delta_weight().T`` to ``base.weight`` (or, equivalently, ``delta_weight()`` to
+        :meth:`base_weight`). ``tests/test_adapters.py`` checks a square Conv1D, where the
+        wrong orientation would still have the right shape.
+        """
         a, b = self.active_factors()
         return (b @ a) * self.scaling
 

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from supernet import validate
 from supernet.errors import SupernetError
 
 
@@ -91,15 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_options_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SupernetError(f"config file {path!r} does not exist")
-    import yaml
-
-    try:
-        data = yaml.safe_load(p.read_text())  # YAML is a superset of JSON
-    except yaml.YAMLError as e:
-        raise SupernetError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = validate.read_yaml("config file", path)
     if not isinstance(data, dict):
         raise SupernetError(f"config file {path!r} must hold a mapping of options")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -115,12 +108,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra = set(options) - {"max_steps"}
         if extra:
             raise SupernetError("--resume continues a run with its saved options; only --max-steps may change")
-        summary = resume(args.resume, options.get("max_steps"))
         run_dir = args.resume
+        job = lambda: resume(args.resume, options.get("max_steps"))  # noqa: E731
     else:
         cfg = TrainConfig.from_dict(options)
-        summary = train(cfg, overwrite=args.overwrite)
         run_dir = str(cfg.run_dir())
+        job = lambda: train(cfg, overwrite=args.overwrite)  # noqa: E731
+    try:
+        summary = job()
+    except KeyboardInterrupt:  # say whether there is a run to resume (config.json is written before step 1)
+        if (Path(run_dir) / "config.json").is_file() and (Path(run_dir) / ".supernet-run").is_file():
+            print(f"supernet: interrupted; continue with `supernet train --resume {run_dir}`", file=sys.stderr)
+        else:
+            print("supernet: interrupted before the run started; nothing was written", file=sys.stderr)
+        return 130
     if summary:
         print(json.dumps({"run": run_dir, **summary}))
     return 0
@@ -143,11 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
     except SupernetError as e:
-        print(f"supernet: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    except OSError as e:  # the file system said no (disk full, read-only, permissions) somewhere we write
+        where = f" {e.filename!r}" if e.filename else ""
+        return _fail(f"{e.strerror or type(e).__name__}:{where}" if e.strerror else f"{type(e).__name__}: {e}")
     except KeyboardInterrupt:
-        print("supernet: interrupted; continue with `supernet train --resume RUN_DIR`", file=sys.stderr)
+        print("supernet: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    print("supernet: error: " + " ".join(message.split()), file=sys.stderr)  # always one line
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,11 +10,12 @@ accuracy by scoring every choice by log-likelihood).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
 from supernet.errors import SupernetError
 from supernet.models import package_dir
@@ -154,29 +155,38 @@ def load_task_data(
         keep = builtin.keep
         raw = raw.filter(lambda x: x[label_column] in keep)
         label_names = sorted(keep.values())
-        to_name = keep
+        to_name = keep.get
     elif isinstance(feature, datasets.ClassLabel):
         label_names = list(feature.names)
-        to_name = dict(enumerate(label_names))
+        to_name = dict(enumerate(label_names)).get
         raw = raw.filter(lambda x: x[label_column] is not None and x[label_column] >= 0)  # -1: unlabelled
     else:
         values = set()
-        for split in raw.values():
-            values.update(v for v in split[label_column] if v is not None)
+        for name, split in raw.items():
+            for i, v in enumerate(split[label_column]):
+                key = label_name(v, spec, label_column)
+                if key is None:
+                    raise SupernetError(
+                        f"dataset {spec!r}: example {i} of split {name!r} has no label in column "
+                        f"{label_column!r}; fill in or remove unlabelled rows"
+                    )
+                values.add(key)
         if len(values) < 2:
             raise SupernetError(f"dataset {spec!r}: column {label_column!r} has fewer than two labels")
-        ordered = sorted(values, key=lambda v: (isinstance(v, str), v))
-        label_names = [str(v) for v in ordered]
-        to_name = {v: str(v) for v in ordered}
+        label_names = sorted(values, key=_label_order)
+
+        def to_name(v):
+            return label_name(v, spec, label_column)
+
     index = {n: i for i, n in enumerate(label_names)}
 
     def convert(batch):
         return {
-            "text": [str(t) for t in batch[text_column]],
-            "label": [index[to_name[v]] for v in batch[label_column]],
+            "text": [example_text(t, spec, text_column) for t in batch[text_column]],
+            "label": [index[to_name(v)] for v in batch[label_column]],
         }
 
-    splits = _make_splits(raw, spec, convert, [text_column, label_column])
+    splits = _make_splits(raw, spec, convert, Features({"text": Value("string"), "label": Value("int64")}))
     return TaskData(
         splits=splits,
         label_names=label_names,
@@ -186,11 +196,59 @@ def load_task_data(
     )
 
 
-def _make_splits(raw: DatasetDict, spec: str, convert, required: list[str]) -> DatasetDict:
+def label_name(value, spec: str, column: str) -> str | None:
+    """The class name of one raw label value, ``None`` if it is missing.
+
+    Strings (stripped) and integers name classes; integral floats (``1.0``, which CSV readers
+    make of an integer column with gaps) count as integers. Anything else is refused.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value.is_integer():
+            return str(int(value))
+        raise SupernetError(
+            f"dataset {spec!r}: column {column!r} holds the number {value}; labels must be class names "
+            "or integer class ids (regression is not supported)"
+        )
+    raise SupernetError(
+        f"dataset {spec!r}: column {column!r} holds {type(value).__name__} values such as {value!r}; labels "
+        "must be class names or integer class ids (for per-example answers use --choices-column)"
+    )
+
+
+def _label_order(name: str):
+    """Integer ids in numeric order first (``2`` before ``10``), then names alphabetically."""
+    try:
+        return (0, int(name), "")
+    except ValueError:
+        return (1, 0, name)
+
+
+def example_text(value, spec: str, column: str) -> str:
+    """One example's text: a string, or a number written as text; anything else is refused."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise SupernetError(f"dataset {spec!r}: an example has no text in column {column!r}")
+    raise SupernetError(
+        f"dataset {spec!r}: column {column!r} holds {type(value).__name__} values such as {value!r}, not text"
+    )
+
+
+def _make_splits(raw: DatasetDict, spec: str, convert, features: Features) -> DatasetDict:
     splits = {}
     for name, split in raw.items():
-        split = split.filter(lambda x: all(x[c] is not None for c in required))
-        splits[name] = split.map(convert, batched=True, remove_columns=split.column_names)
+        # explicit output types: a reused column name (``label``) would otherwise keep its old type
+        splits[name] = split.map(convert, batched=True, remove_columns=split.column_names, features=features)
     aliases = {"valid": "validation", "val": "validation", "dev": "validation"}
     splits = {aliases.get(k, k): v for k, v in splits.items()}
     if "train" not in splits:
@@ -220,13 +278,17 @@ def _load_choices(raw: DatasetDict, spec: str, text_column: str, label_column: s
                 if label not in choices:
                     raise SupernetError(f"dataset {spec!r}: answer {label!r} is not among its choices")
                 label = choices.index(label)
+            if isinstance(label, bool) or not isinstance(label, (int, float)) or not float(label).is_integer():
+                raise SupernetError(f"dataset {spec!r}: label {label!r} is neither an answer nor a choice index")
             if not 0 <= int(label) < len(choices):
                 raise SupernetError(f"dataset {spec!r}: label {label!r} is not a valid choice index")
             labels.append(int(label))
-        return {"text": [str(t) for t in batch[text_column]],
-                "choices": [[str(c) for c in cs] for cs in batch[choices_column]], "label": labels}
+        return {"text": [example_text(t, spec, text_column) for t in batch[text_column]],
+                "choices": [[example_text(c, spec, choices_column) for c in cs] for cs in batch[choices_column]],
+                "label": labels}
 
-    splits = _make_splits(raw, spec, convert, [text_column, label_column, choices_column])
+    features = Features({"text": Value("string"), "choices": Sequence(Value("string")), "label": Value("int64")})
+    splits = _make_splits(raw, spec, convert, features)
     widest = max(max(len(c) for c in splits[k]["choices"]) for k in splits)
     return TaskData(splits=splits, label_names=[str(i) for i in range(widest)],
                     prompt=prompt or "{text}\nAnswer:", source=spec, has_choices=True)

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
 
 from supernet import run as runio
+from supernet import validate
 from supernet.errors import SupernetError
 from supernet.space import load_config_file
-from supernet.train import Setup, TrainConfig, build
+from supernet.train import Setup, build, check_rebuilt, config_of_run
 
 
 def load_run(run_dir: str | Path) -> tuple[Setup, dict]:
     """Rebuild a run's super-network from ``config.json`` and load its trained weights."""
     record = runio.read_run_config(run_dir)
-    cfg = TrainConfig.from_dict(record["train"])  # checks every option's type
-    groups = record["supernet"].get("groups") if isinstance(record["supernet"], dict) else None
-    if groups is not None:
-        cfg.groups = groups  # the groups as trained, not a groups file that may have changed since
+    cfg = config_of_run(record)
     weights = runio.weights_path(run_dir)
     setup = build(cfg)
-    if record.get("groups") is not None and record["groups"] != setup.net.groups:
-        raise SupernetError(f"run {str(run_dir)!r} does not match its model any more (groups differ)")
+    check_rebuilt(setup, record, run_dir)
     setup.net.load_trainable_state_dict(runio.load_tensors(weights))
     return setup, record
 
@@ -53,6 +51,8 @@ def eval_run(
         raise SupernetError(f"unknown split {split!r}; use train, validation or test")
     if limit is not None and limit <= 0:
         raise SupernetError("--limit must be positive")
+    if predictions is not None:
+        predictions = validate.writable_file("--predictions", predictions)
     setup, record = load_run(run_dir)
     config = setup.net.activate(resolve_subnet(setup, subnet))
     res = evaluate(setup.net.model, setup.enc, split, batch_size=batch_size, limit=limit,
@@ -77,7 +77,8 @@ def eval_run(
                            "prediction": [names[i] for i in logits.argmax(-1)]})
         for j, n in enumerate(names):
             df[f"logit_{n}"] = logits[:, j]
-        path = Path(predictions)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(path, index=False)
+        predictions.parent.mkdir(parents=True, exist_ok=True)
+        tmp = predictions.with_name(predictions.name + ".tmp")
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, predictions)
     return out

@@ -86,11 +86,10 @@ def load_config(name: str):
     path = resolve_model(name)
     try:
         return path, AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # a missing, binary or foreign config.json: many error types
         raise SupernetError(
             f"cannot load model {name!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), "
-            f"a local model folder or a reachable Hub id ({first})"
+            f"a local model folder or a reachable Hub id ({_first_line(e)})"
         ) from None
 
 
@@ -102,21 +101,62 @@ def infer_task(config) -> str:
     return "seq-cls"
 
 
+def is_encoder_only(config) -> bool:
+    """A bidirectional encoder (BERT, RoBERTa, ...): it has a masked-LM head and is not set up
+    as a decoder, so a causal-LM head on it would see the answer it is asked to predict."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False) \
+        and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover, if it says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_task(name: str, config, task: str, max_length: int) -> None:
+    """Refuse a task or sequence length the model cannot run."""
+    if task == "causal-lm" and is_encoder_only(config):
+        raise SupernetError(f"model {name!r} is an encoder ({config.model_type}) without a causal-LM head; "
+                            "use --task seq-cls or a decoder model")
+    limit = max_positions(config)
+    if limit is not None and max_length > limit:
+        raise SupernetError(f"--max-length {max_length} exceeds the {limit} positions of model {name!r}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_model(name: str, task: str, num_labels: int | None = None):
-    """Return ``(model, tokenizer)`` for ``task``; fp32 weights, pad token set."""
+    """Return ``(model, tokenizer)`` for ``task``; fp32 weights, pad token set.
+
+    Weights load from safetensors only: a checkpoint that ships only a pickled
+    ``pytorch_model.bin`` is refused, since unpickling runs code from the file.
+    """
     if task not in TASKS:
         raise SupernetError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     path, config = load_config(name)
+    if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
+        pickles = [p.name for p in Path(path).glob("*.bin")] + [p.name for p in Path(path).glob("*.pt")]
+        if pickles:
+            raise SupernetError(f"model {name!r} has only pickled weights ({pickles[0]}); supernet loads "
+                                "safetensors only: convert it once with save_pretrained(safe_serialization=True)")
+    kwargs = {"dtype": torch.float32, "use_safetensors": True}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if task == "seq-cls":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=torch.float32
-            )
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise SupernetError(f"cannot load model {name!r} for {task}: {str(e).splitlines()[0]}") from None
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:  # the file boundary: truncated or foreign files raise many types
+        raise SupernetError(f"cannot load model {name!r} for {task}: {_first_line(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

@@ -43,10 +43,13 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def default_targets(model: nn.Module) -> list[str]:
+    """One ``re:`` pattern for the layout's projections *inside numbered blocks*: a pooler or a
+    head that happens to share a leaf name (BERT's ``pooler.dense``) is not a block projection
+    and acts on one token, so it is left out (target it explicitly if you want it)."""
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     for key, targets in DEFAULT_TARGETS:
         if key in leaves:
-            return list(targets)
+            return [r"re:.*\.\d+\.(?:.*\.)?(?:" + "|".join(targets) + ")"]
     raise SupernetError("cannot guess target modules for this architecture; pass --target-modules")
 
 

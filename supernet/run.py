@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,17 +19,108 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from supernet.errors import SupernetError
+from supernet.validate import inside, jsonable
 
 CONFIG = "config.json"
 ADAPTER = "adapter.safetensors"
 CHECKPOINT = "checkpoint"
+SUMMARY = "summary.json"
+MARKER = ".supernet-run"  # written first into every run folder: only such folders are ever replaced
+# What supernet itself writes into a run folder; --overwrite removes these and nothing else.
+OWN_ENTRIES = {MARKER, CONFIG, ADAPTER, SUMMARY, "train_log.csv", "eval_log.csv", CHECKPOINT,
+               CHECKPOINT + ".tmp", CHECKPOINT + ".old", "search", "exports"}
 
 
 def write_json(path: Path, data) -> None:
-    """Write JSON atomically (temp file + rename), sorted and indented."""
+    """Write strict JSON atomically (temp file + rename), sorted and indented; NaN/inf become null."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(jsonable(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def _own(entry: Path) -> bool:
+    name = entry.name
+    return name in OWN_ENTRIES or (name.startswith("process") and name.endswith(".jsonl")) or name.endswith(".tmp")
+
+
+def check_replaceable(run_dir: Path, keep: list[Path]) -> None:
+    """Refuse ``--overwrite`` unless ``run_dir`` is a supernet run holding only what supernet wrote,
+    and holds none of ``keep`` (the model and data being read)."""
+    if not run_dir.is_dir() or not (run_dir / MARKER).is_file():
+        raise SupernetError(f"--overwrite refuses to delete {str(run_dir)!r}: it is not a supernet run "
+                            f"(no {MARKER} marker)")
+    for k in keep:
+        if k.exists() and inside(k, run_dir):
+            raise SupernetError(f"--overwrite refuses to delete {str(run_dir)!r}: it holds {str(k)!r}, "
+                                "which this run reads")
+    foreign = sorted(e.name for e in run_dir.iterdir() if not _own(e))
+    if foreign:
+        raise SupernetError(f"--overwrite refuses to delete {str(run_dir)!r}: it holds {foreign[0]!r}, "
+                            "which supernet did not write")
+
+
+def remove_run(run_dir: Path) -> None:
+    """Delete what supernet wrote into ``run_dir`` (after :func:`check_replaceable`), marker last."""
+    for e in sorted(run_dir.iterdir(), key=lambda e: e.name == MARKER):
+        if _own(e):
+            shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
+
+
+def mark_run(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text("a supernet run folder; `supernet train --overwrite` may replace it\n")
+
+
+def swap_dir(new: Path, final: Path) -> None:
+    """Put folder ``new`` in place of ``final``: the old one is renamed aside, the new one renamed in,
+    then the old one deleted. A kill at any point leaves a complete folder under one of the
+    names ``final``, ``final.tmp`` (= ``new``) or ``final.old``; :func:`checkpoints` reads all three."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoints(run_dir: Path) -> tuple[list[tuple[int, Path]], bool]:
+    """Complete checkpoints (their ``state.json`` is written last) as ``(step, folder)``, newest
+    first, and whether any checkpoint folder exists at all."""
+    found, any_dir = [], False
+    for name in (CHECKPOINT, CHECKPOINT + ".tmp", CHECKPOINT + ".old"):
+        d = run_dir / name
+        any_dir |= d.is_dir()
+        try:
+            state = json.loads((d / "state.json").read_text())
+            found.append((int(state["step"]), d))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(found, key=lambda t: -t[0]), any_dir
+
+
+def settle_checkpoints(run_dir: Path) -> None:
+    """After a kill inside :func:`swap_dir`: put the newest complete checkpoint under its own
+    name and delete the other copies (all written by supernet)."""
+    found, _ = checkpoints(run_dir)
+    final = run_dir / CHECKPOINT
+    if found and found[0][1] != final:
+        newest = found[0][1]
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(newest, final)
+    for name in (CHECKPOINT + ".tmp", CHECKPOINT + ".old"):
+        if found and (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)
+
+
+def finished_at(run_dir: Path) -> int | None:
+    """The step a finished run ended at (``adapter.safetensors`` and ``summary.json`` written), else None."""
+    try:
+        steps = json.loads((run_dir / SUMMARY).read_text())["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return int(steps) if (run_dir / ADAPTER).is_file() else None
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

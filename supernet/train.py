@@ -13,7 +13,9 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -30,9 +32,10 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from supernet import run as runio
-from supernet.data import load_task_data
+from supernet import validate
+from supernet.data import BUILTINS, load_task_data
 from supernet.errors import SupernetError
-from supernet.models import TASKS, infer_task, load_config, load_model
+from supernet.models import BUILTIN_MODELS, TASKS, check_task, infer_task, load_config, load_model
 from supernet.network import SuperNetConfig, SuperNetwork, default_targets
 from supernet.space import Config
 from supernet.tasks import BatchOrder, Encoded, collate, encode, evaluate, rows_of
@@ -81,29 +84,49 @@ class TrainConfig:
     out: str = "runs"
 
     def __post_init__(self) -> None:
+        """Every option checked where it enters: types, finite ranges, names and patterns."""
         self._coerce_types()
         if self.task is not None and self.task not in TASKS:
             raise SupernetError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.sampler not in SAMPLERS:
             raise SupernetError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        positive = ("max_steps", "batch_size", "grad_accum", "max_length", "eval_every", "save_every",
-                    "lr", "alpha", "max_grad_norm")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise SupernetError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("train_samples", "eval_samples"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise SupernetError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        for name in ("sandwich_random", "weight_decay", "seed"):
-            if getattr(self, name) < 0:
-                raise SupernetError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise SupernetError("--warmup-ratio must be in [0, 1)")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise SupernetError("--mixed-precision must be auto, no or bf16")
-        if self.prompt is not None and "{text}" not in self.prompt:
-            raise SupernetError("--prompt must contain {text}")
+        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_every", "save_every",
+                     "train_samples", "eval_samples"):
+            if getattr(self, name) is not None:
+                validate.number(_flag(name), getattr(self, name), low=0, low_open=True)
+        for name in ("lr", "alpha", "max_grad_norm"):
+            validate.number(_flag(name), getattr(self, name), low=0, low_open=True)
+        validate.number("--sandwich-random", self.sandwich_random, low=0)
+        validate.number("--weight-decay", self.weight_decay, low=0)
+        validate.number("--seed", self.seed, low=0, high=validate.SEED_MAX)
+        validate.number("--warmup-ratio", self.warmup_ratio, low=0, high=1)
+        if self.warmup_ratio >= 1:
+            raise SupernetError("--warmup-ratio must be below 1")
+        validate.number("--dropout", self.dropout, low=0, high=1)
+        if self.dropout >= 1:
+            raise SupernetError("--dropout must be below 1")
+        for name in ("model", "dataset", "text_column", "label_column", "out"):
+            validate.text_option(_flag(name), getattr(self, name))
+        if self.choices_column is not None:
+            validate.text_option("--choices-column", self.choices_column)
+        if self.prompt is not None:
+            validate.prompt_template("--prompt", self.prompt)
+        if self.target_modules is not None:
+            self.target_modules = validate.patterns("--target-modules", self.target_modules)
+        if isinstance(self.groups, dict):
+            self.groups = validate.groups_mapping("--groups", self.groups)
+        else:
+            validate.text_option("--groups", self.groups)
+        if self.name is not None:
+            validate.run_name(self.name)
+        # a local model folder or data file is kept as an absolute path, so that the run can
+        # be evaluated, searched and exported from any working directory
+        for name in ("model", "dataset"):
+            v = getattr(self, name)
+            if v not in BUILTIN_MODELS and v not in BUILTINS and Path(v).exists():
+                setattr(self, name, str(Path(v).resolve()))
 
     def _coerce_types(self) -> None:
         """Options may come from YAML (``lr: 5e-4`` is a string there, ``no`` a boolean):
@@ -135,8 +158,10 @@ class TrainConfig:
             setattr(self, f.name, v)
 
     def run_dir(self) -> Path:
-        name = self.name or f"{Path(self.model).name}-{Path(self.dataset).stem}"
-        return Path(self.out) / name
+        if self.name is not None:
+            return Path(self.out) / self.name
+        name = f"{Path(self.model).name}-{Path(self.dataset).stem}"
+        return Path(self.out) / (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "run")
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
@@ -167,6 +192,10 @@ def _as_float(v) -> float:
     return float(v)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _as_str(v) -> str:
     if not isinstance(v, (str, int, float)) or isinstance(v, bool):
         raise TypeError
@@ -186,16 +215,9 @@ def parse_int_list(text: str, what: str) -> list[int]:
 def load_groups(spec: str | dict) -> str | dict:
     if isinstance(spec, dict) or spec in ("block", "module", "global"):
         return spec
-    p = Path(spec)
-    if not p.is_file():
+    if not Path(spec).exists():
         raise SupernetError(f"--groups must be block, module, global or a JSON file; {spec!r} is none")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise SupernetError(f"groups file {spec!r} is not valid JSON: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
-        raise SupernetError(f"groups file {spec!r} must be an object {{group: [patterns]}}")
-    return data
+    return validate.groups_mapping(f"groups file {spec!r}", validate.read_json("groups file", spec))
 
 
 def step_configs(net: SuperNetwork, sampler: str, seed: int, step: int, k: int = 2) -> list[Config]:
@@ -229,6 +251,7 @@ def build(cfg: TrainConfig, seed: int | None = None) -> Setup:
     groups = load_groups(cfg.groups)
     _, model_config = load_config(cfg.model)
     task = cfg.task or infer_task(model_config)
+    check_task(cfg.model, model_config, task, cfg.max_length)
     data = load_task_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.prompt, cfg.choices_column)
     if data.has_choices and task != "causal-lm":
         raise SupernetError("--choices-column needs a causal-LM model (answers are scored by likelihood)")
@@ -305,6 +328,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
+        """Write ``checkpoint.tmp`` in full (``state.json`` last), then swap it in atomically."""
         acc = self.accelerator
         final = self.run_dir / runio.CHECKPOINT
         tmp = self.run_dir / (runio.CHECKPOINT + ".tmp")
@@ -316,23 +340,28 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / f"rng{acc.process_index}.safetensors"))
+        acc.wait_for_everyone()
         if acc.is_main_process:
             runio.save_tensors(tmp / "trainable.safetensors", self.net.trainable_state_dict())
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        tmp / "optimizer.pt")
             runio.write_json(tmp / "state.json", {"step": self.step, "processes": acc.num_processes})
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            runio.swap_dir(tmp, final)
         acc.wait_for_everyone()
 
     def load_checkpoint(self) -> None:
-        ckpt = self.run_dir / runio.CHECKPOINT
-        try:
-            state = json.loads((ckpt / "state.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            raise SupernetError(f"run {str(self.run_dir)!r} has no readable checkpoint to resume from") from None
+        """Load the newest complete checkpoint; with none yet (stopped before the first one), start at 0."""
+        if self.accelerator.is_main_process:
+            runio.settle_checkpoints(self.run_dir)
+        self.accelerator.wait_for_everyone()
+        found, any_dir = runio.checkpoints(self.run_dir)
+        if not found:
+            if any_dir:
+                raise SupernetError(f"run {str(self.run_dir)!r} has no readable checkpoint to resume from")
+            self.step = 0
+            return
+        step, ckpt = found[0]
+        state = json.loads((ckpt / "state.json").read_text())
         if state.get("processes", 1) != self.accelerator.num_processes:
             raise SupernetError(
                 f"checkpoint was written by {state.get('processes')} process(es); resume with the same number"
@@ -348,7 +377,7 @@ class Trainer:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-        self.step = int(state["step"])
+        self.step = step
 
     # ---------------------------------------------------------------- evaluation
     def validate(self) -> list[dict]:
@@ -379,6 +408,7 @@ class Trainer:
         log = _CsvAppender(log_path, columns) if main else None
         elog = _CsvAppender(eval_path, ["step", "subnet", "accuracy", "loss", "examples"]) if main else None
         last_eval: list[dict] = []
+        diverged = False
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not main, dynamic_ncols=True)
         self.model.train()
         t0 = time.perf_counter()
@@ -410,6 +440,10 @@ class Trainer:
             self.step += 1
             if trace is not None:
                 trace.write(json.dumps({"step": self.step, "configs": active}) + "\n")
+            if main and not math.isfinite(total) and not diverged:
+                diverged = True
+                bar.write(f"supernet: warning: the training loss is {total} at step {self.step}: training diverged "
+                          "(lower --lr or --max-grad-norm)")
             if main:
                 log.write([self.step, self.order.epoch_of(self.step * cfg.grad_accum - 1), f"{total:.6f}",
                            f"{lr:.3e}", f"{float(grad_norm):.4f}",
@@ -429,6 +463,8 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(self.step, self)
         bar.close()
+        if main and not last_eval:  # resumed after the last step: its validation is in the log
+            last_eval = _rows_at(eval_path, self.step) or self.validate()
         self.net.reset()
         final = self.net.trainable_state_dict()
         if trace is not None:
@@ -439,7 +475,7 @@ class Trainer:
             runio.save_tensors(self.run_dir / runio.ADAPTER, final)
             summary = {"steps": self.step, "train_seconds": round(time.perf_counter() - t0, 2),
                        "processes": acc.num_processes, "validation": last_eval}
-            runio.write_json(self.run_dir / "summary.json", summary)
+            runio.write_json(self.run_dir / runio.SUMMARY, summary)
         acc.wait_for_everyone()
         return summary
 
@@ -470,17 +506,48 @@ class _CsvAppender:
         self.f.flush()
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop rows past ``step`` (written after the checkpoint we resume from)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
+def _log_rows(path: Path) -> tuple[list[str], list[list[str]], int]:
+    """Header, the rows whose step parses, and how many rows did not (hand-edited or torn)."""
+    with open(path, newline="", errors="replace") as f:
         rows = list(csv.reader(f))
     if not rows:
+        return [], [], 0
+    good = []
+    for r in rows[1:]:
+        try:
+            if len(r) == len(rows[0]):
+                int(r[0])
+                good.append(r)
+        except ValueError:
+            pass
+    return rows[0], good, len(rows) - 1 - len(good)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop rows past ``step`` (written after the checkpoint we resume from) and unreadable rows."""
+    if not path.exists():
         return
-    keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    header, rows, bad = _log_rows(path)
+    if not header:
+        return
+    if bad:
+        print(f"supernet: note: dropped {bad} unreadable row(s) from {path}", file=sys.stderr)
     with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(keep)
+        csv.writer(f).writerows([header] + [r for r in rows if int(r[0]) <= step])
+
+
+def _rows_at(path: Path, step: int) -> list[dict]:
+    """The validation rows logged at ``step``, as :meth:`Trainer.validate` returns them."""
+    if not path.exists():
+        return []
+    header, rows, _ = _log_rows(path)
+    out = []
+    for r in rows:
+        d = dict(zip(header, r, strict=True))
+        if int(d["step"]) == step:
+            out.append({"step": step, "subnet": d["subnet"], "accuracy": float(d["accuracy"]),
+                        "loss": float(d["loss"]), "examples": int(d["examples"])})
+    return out
 
 
 def run_record(setup: Setup) -> dict:
@@ -502,27 +569,48 @@ def run_record(setup: Setup) -> dict:
 def train(cfg: TrainConfig, *, overwrite: bool = False,
           on_step: Callable[[int, Trainer], None] | None = None) -> dict:
     """Build, then train into ``cfg.run_dir()``; returns the summary (main process)."""
+    validate.writable_dir("--out", cfg.out)
     run_dir = cfg.run_dir()
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not overwrite:
             raise SupernetError(
                 f"run directory {str(run_dir)!r} exists; use --resume to continue, --overwrite or --name"
             )
-        if not (run_dir / runio.CONFIG).is_file():
-            raise SupernetError(f"--overwrite refuses to delete {str(run_dir)!r}: it is not a supernet run")
+        runio.check_replaceable(run_dir, keep=[Path(cfg.model), Path(cfg.dataset)])
     return _run(cfg, run_dir, resuming=False, on_step=on_step)
+
+
+def config_of_run(record: dict) -> TrainConfig:
+    """The training options of a recorded run, with its groups as trained (not a groups file
+    that may have changed since)."""
+    cfg = TrainConfig.from_dict(record["train"])  # every option checked again: the file may be edited
+    groups = record["supernet"].get("groups") if isinstance(record["supernet"], dict) else None
+    if groups is not None:
+        cfg.groups = validate.groups_mapping("config.json groups", groups) if isinstance(groups, dict) else groups
+    return cfg
+
+
+def check_rebuilt(setup: Setup, record: dict, run_dir: str | Path) -> None:
+    """Refuse a run whose model or data no longer match what it was trained on."""
+    names = record.get("label_names")
+    if names is not None and names != setup.label_names:
+        raise SupernetError(f"run {str(run_dir)!r} was trained with labels {names}, but its dataset now has "
+                            f"{setup.label_names}")
+    if record.get("groups") is not None and record["groups"] != setup.net.groups:
+        raise SupernetError(f"run {str(run_dir)!r} does not match its model any more (groups differ)")
 
 
 def resume(run_dir: str | Path, max_steps: int | None = None,
            on_step: Callable[[int, Trainer], None] | None = None) -> dict:
     """Continue a run from its checkpoint with its saved configuration.
 
-    With the same ``max_steps`` the result equals the uninterrupted run exactly. A larger
-    ``max_steps`` extends training; the cosine schedule is then stretched to the new length
-    from the checkpoint on.
+    With the same ``max_steps`` the result equals the uninterrupted run exactly, from any point
+    where it stopped (before the first checkpoint too, and after the last one but before the
+    final weights). A larger ``max_steps`` extends training; the cosine schedule is then
+    stretched to the new length from the checkpoint on.
     """
     run_dir = Path(run_dir)
-    cfg = TrainConfig.from_dict(runio.read_run_config(run_dir)["train"])
+    cfg = config_of_run(runio.read_run_config(run_dir))
     if max_steps is not None:
         cfg.max_steps = max_steps
         cfg.__post_init__()
@@ -531,18 +619,21 @@ def resume(run_dir: str | Path, max_steps: int | None = None,
 
 def _run(cfg: TrainConfig, run_dir: Path, resuming: bool, on_step) -> dict:
     setup = build(cfg)  # every user error is raised here, before anything is written
+    if resuming:
+        check_rebuilt(setup, runio.read_run_config(run_dir), run_dir)
     trainer = Trainer(setup, run_dir, on_step=on_step)
     if resuming:
         trainer.load_checkpoint()
-        if trainer.step >= cfg.max_steps:
-            raise SupernetError(f"run {str(run_dir)!r} already reached step {trainer.step}; raise --max-steps")
+        done = runio.finished_at(run_dir)
+        if trainer.step >= cfg.max_steps and done is not None and done >= trainer.step:
+            raise SupernetError(f"run {str(run_dir)!r} already finished at step {done}; raise --max-steps")
+        if trainer.step > cfg.max_steps:
+            raise SupernetError(f"run {str(run_dir)!r} is at step {trainer.step}, past --max-steps {cfg.max_steps}")
     if trainer.accelerator.is_main_process:
         record = run_record(setup)
-        if resuming:
-            (run_dir / runio.ADAPTER).unlink(missing_ok=True)  # stale until this run ends
-        elif run_dir.exists():
-            shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resuming and run_dir.exists():
+            runio.remove_run(run_dir)  # checked by check_replaceable: only what supernet wrote
+        runio.mark_run(run_dir)
         runio.write_json(run_dir / runio.CONFIG, record)
     trainer.accelerator.wait_for_everyone()
     return trainer.train()
