@@ -7,22 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from supernet import run as runio
 from supernet import validate
 from supernet.errors import SupernetError
+from supernet.loader import Setup, load_run
 from supernet.space import load_config_file
-from supernet.train import Setup, build, check_rebuilt, config_of_run
-
-
-def load_run(run_dir: str | Path) -> tuple[Setup, dict]:
-    """Rebuild a run's super-network from ``config.json`` and load its trained weights."""
-    record = runio.read_run_config(run_dir)
-    cfg = config_of_run(record)
-    weights = runio.weights_path(run_dir)
-    setup = build(cfg)
-    check_rebuilt(setup, record, run_dir)
-    setup.net.load_trainable_state_dict(runio.load_tensors(weights))
-    return setup, record
 
 
 def resolve_subnet(setup: Setup, subnet: str) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from supernet import validate
 from supernet.adapters import SCALINGS, ElasticAdapter, ElasticLoRA, is_adaptable, layer_shape
 from supernet.errors import SupernetError
 from supernet.space import Config, SearchSpace
@@ -81,6 +82,9 @@ class SuperNetConfig:
     def __post_init__(self) -> None:
         if not self.target_modules:
             raise SupernetError("no target modules given")
+        self.target_modules = validate.patterns("target_modules", self.target_modules)
+        self.trainable_modules = validate.patterns("trainable_modules", self.trainable_modules) \
+            if self.trainable_modules else []
         if not self.ranks:
             raise SupernetError("the rank choice list is empty")
         bad = [r for r in self.ranks if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0]
@@ -94,11 +98,7 @@ class SuperNetConfig:
         if isinstance(self.groups, str) and self.groups not in GROUPINGS:
             raise SupernetError(f"unknown grouping {self.groups!r}; use {', '.join(GROUPINGS)} or a JSON file")
         if isinstance(self.groups, Mapping):
-            if not self.groups:
-                raise SupernetError("the groups mapping is empty")
-            for g, pats in self.groups.items():
-                if isinstance(pats, str) or not pats:
-                    raise SupernetError(f"group {g!r} must list at least one module pattern")
+            self.groups = validate.groups_mapping("groups", dict(self.groups))
 
     @property
     def max_rank(self) -> int:

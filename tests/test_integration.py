@@ -22,10 +22,11 @@ def test_minilm_supernet_structure_macs_and_peft_equivalence():
 
     model, _ = load_model("minilm", "seq-cls", num_labels=2)
     targets = default_targets(model)
-    assert targets == ["query", "key", "value", "dense"]
     net = SuperNetwork(model.eval(), SuperNetConfig(target_modules=targets, ranks=[32, 24, 16],
                                                     trainable_modules=["classifier"]))
-    assert len(net.adapters) == 6 * 6 + 1 and len(net.groups) == 6 * 4 + 1
+    # q, k, v, attention output, intermediate, output in each of 6 blocks; the pooler is no block projection
+    assert len(net.adapters) == 6 * 6 and len(net.groups) == 6 * 4
+    assert not any("pooler" in n for n in net.adapters)
     with torch.no_grad():
         for ad in net.adapters.values():
             ad.lora_B.normal_(std=0.02)
@@ -39,7 +40,7 @@ def test_minilm_supernet_structure_macs_and_peft_equivalence():
     net.activate(net.min_config())
     ref, _ = load_model("minilm", "seq-cls", num_labels=2)
     ref.classifier.load_state_dict(net.model.classifier.state_dict())
-    peft_model = get_peft_model(ref, LoraConfig(r=16, lora_alpha=32, target_modules=targets)).eval()
+    peft_model = get_peft_model(ref, LoraConfig(r=16, lora_alpha=32, target_modules=list(net.adapters))).eval()
     with torch.no_grad():
         for name, ad in net.adapters.items():
             layer = peft_model.base_model.model.get_submodule(name)

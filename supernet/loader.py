@@ -1,0 +1,292 @@
+"""Rebuilding a super-network and its data from options or from a trained run's ``config.json``.
+
+``build`` turns :class:`TrainConfig` into a :class:`Setup` (model with adapters, tokenised
+splits, label names); :func:`load_run` does the same for a finished or running run, with the
+groups and label names it was trained with, and loads its weights. ``eval``, ``search`` and
+``export`` go through here; nothing in this module trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import set_seed
+
+from supernet import run as runio
+from supernet import validate
+from supernet.data import BUILTINS, load_task_data
+from supernet.errors import SupernetError
+from supernet.models import BUILTIN_MODELS, TASKS, check_task, infer_task, load_config, load_model
+from supernet.network import SuperNetConfig, SuperNetwork, default_targets
+from supernet.tasks import Encoded, encode
+
+SAMPLERS = ("uniform", "sandwich")
+HEAD_PATTERNS = ["classifier", "score"]
+
+
+@dataclass
+class TrainConfig:
+    """One training run; written to ``config.json`` and read back by ``eval`` and ``--resume``.
+
+    The defaults are the embedded default: MiniLM-L6 on Rotten Tomatoes, ranks 32/24/16.
+    """
+
+    model: str = "minilm"
+    dataset: str = "rotten-tomatoes"
+    task: str | None = None  # seq-cls | causal-lm; None: causal-lm for *ForCausalLM checkpoints
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt: str | None = None  # causal-lm prompt with {text}; built-ins bring their own
+    choices_column: str | None = None  # multiple choice: a column of answer lists (causal-lm)
+    target_modules: list[str] | None = None  # None: every projection in the blocks
+    ranks: list[int] = field(default_factory=lambda: [32, 24, 16])
+    alpha: float = 32.0
+    scaling: str = "lora"
+    dropout: float = 0.0
+    groups: str | dict = "block"  # block | module | global | JSON file path | {group: [patterns]}
+    sampler: str = "uniform"
+    sandwich_random: int = 2  # the k random configs of a sandwich step (besides max and min)
+    max_steps: int = 400
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 64
+    train_samples: int | None = None  # cap on training examples (first N of the fixed split)
+    eval_samples: int | None = 500  # validation examples used by periodic evaluation
+    eval_every: int = 100
+    save_every: int = 100
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    name: str | None = None
+    out: str = "runs"
+
+    def __post_init__(self) -> None:
+        """Every option checked where it enters: types, finite ranges, names and patterns."""
+        self._coerce_types()
+        if self.task is not None and self.task not in TASKS:
+            raise SupernetError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.sampler not in SAMPLERS:
+            raise SupernetError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            raise SupernetError("--mixed-precision must be auto, no or bf16")
+        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_every", "save_every",
+                     "train_samples", "eval_samples"):
+            if getattr(self, name) is not None:
+                validate.number(_flag(name), getattr(self, name), low=0, low_open=True)
+        for name in ("lr", "alpha", "max_grad_norm"):
+            validate.number(_flag(name), getattr(self, name), low=0, low_open=True)
+        validate.number("--sandwich-random", self.sandwich_random, low=0)
+        validate.number("--weight-decay", self.weight_decay, low=0)
+        validate.number("--seed", self.seed, low=0, high=validate.SEED_MAX)
+        validate.number("--warmup-ratio", self.warmup_ratio, low=0, high=1)
+        if self.warmup_ratio >= 1:
+            raise SupernetError("--warmup-ratio must be below 1")
+        validate.number("--dropout", self.dropout, low=0, high=1)
+        if self.dropout >= 1:
+            raise SupernetError("--dropout must be below 1")
+        for name in ("model", "dataset", "text_column", "label_column", "out"):
+            validate.text_option(_flag(name), getattr(self, name))
+        if self.choices_column is not None:
+            validate.text_option("--choices-column", self.choices_column)
+        if self.prompt is not None:
+            validate.prompt_template("--prompt", self.prompt)
+        if self.target_modules is not None:
+            self.target_modules = validate.patterns("--target-modules", self.target_modules)
+        if isinstance(self.groups, dict):
+            self.groups = validate.groups_mapping("--groups", self.groups)
+        else:
+            validate.text_option("--groups", self.groups)
+        if self.name is not None:
+            validate.run_name(self.name)
+        # a local model folder or data file is kept as an absolute path, so that the run can
+        # be evaluated, searched and exported from any working directory
+        for name in ("model", "dataset"):
+            v = getattr(self, name)
+            if v not in BUILTIN_MODELS and v not in BUILTINS and Path(v).exists():
+                setattr(self, name, str(Path(v).resolve()))
+
+    def _coerce_types(self) -> None:
+        """Options may come from YAML (``lr: 5e-4`` is a string there, ``no`` a boolean):
+        convert each to its field's type or fail with one clear line."""
+        if self.mixed_precision is False:
+            self.mixed_precision = "no"
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kind = str(f.type)
+            if v is None and "None" in kind:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            try:
+                if kind.startswith("list[int]"):
+                    v = parse_int_list(v, flag) if isinstance(v, str) else [_as_int(x) for x in _as_list(v)]
+                elif kind.startswith("list[str]"):
+                    v = [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else [
+                        _as_str(x) for x in _as_list(v)]
+                elif kind.startswith("int"):
+                    v = _as_int(v)
+                elif kind.startswith("float"):
+                    v = _as_float(v)
+                elif kind.startswith("str | dict"):
+                    v = v if isinstance(v, dict) else _as_str(v)
+                elif kind.startswith("str"):
+                    v = _as_str(v)
+            except (TypeError, ValueError):
+                raise SupernetError(f"{flag} has the wrong type: {v!r}") from None
+            setattr(self, f.name, v)
+
+    def run_dir(self) -> Path:
+        if self.name is not None:
+            return Path(self.out) / self.name
+        name = f"{Path(self.model).name}-{Path(self.dataset).stem}"
+        return Path(self.out) / (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "run")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict):
+            raise SupernetError("training options must be a mapping")
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SupernetError(f"unknown training option(s): {', '.join(map(str, unknown))}")
+        return cls(**data)
+
+
+def _as_list(v) -> list:
+    if not isinstance(v, (list, tuple)):
+        raise TypeError
+    return list(v)
+
+
+def _as_int(v) -> int:
+    if isinstance(v, bool) or isinstance(v, float) and not v.is_integer():
+        raise TypeError
+    return int(v)
+
+
+def _as_float(v) -> float:
+    if isinstance(v, bool):
+        raise TypeError
+    return float(v)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _as_str(v) -> str:
+    if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+        raise TypeError
+    return str(v)
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise SupernetError(f"{what} is empty")
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise SupernetError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def load_groups(spec: str | dict) -> str | dict:
+    if isinstance(spec, dict) or spec in ("block", "module", "global"):
+        return spec
+    if not Path(spec).exists():
+        raise SupernetError(f"--groups must be block, module, global or a JSON file; {spec!r} is none")
+    return validate.groups_mapping(f"groups file {spec!r}", validate.read_json("groups file", spec))
+
+
+@dataclass
+class Setup:
+    """Everything built from a :class:`TrainConfig` before anything is written."""
+
+    cfg: TrainConfig
+    task: str
+    net: SuperNetwork
+    tokenizer: object
+    enc: Encoded
+    label_names: list[str]
+    supernet_config: SuperNetConfig
+
+
+def build(cfg: TrainConfig, seed: int | None = None) -> Setup:
+    """Load model and data and inject adapters; every user error surfaces here."""
+    set_seed(cfg.seed if seed is None else seed)
+    groups = load_groups(cfg.groups)
+    _, model_config = load_config(cfg.model)
+    task = cfg.task or infer_task(model_config)
+    check_task(cfg.model, model_config, task, cfg.max_length)
+    data = load_task_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.prompt, cfg.choices_column)
+    if data.has_choices and task != "causal-lm":
+        raise SupernetError("--choices-column needs a causal-LM model (answers are scored by likelihood)")
+    model, tokenizer = load_model(cfg.model, task, num_labels=len(data.label_names))
+    if cfg.train_samples is not None:
+        data.splits["train"] = data.splits["train"].select(range(min(cfg.train_samples, len(data.splits["train"]))))
+    sn_cfg = SuperNetConfig(
+        target_modules=cfg.target_modules or default_targets(model),
+        ranks=list(cfg.ranks),
+        alpha=cfg.alpha,
+        scaling=cfg.scaling,
+        dropout=cfg.dropout,
+        groups=groups,
+        trainable_modules=HEAD_PATTERNS if task == "seq-cls" else [],
+    )
+    net = SuperNetwork(model, sn_cfg)
+    enc = encode(data, tokenizer, task, cfg.max_length)
+    return Setup(cfg, task, net, tokenizer, enc, data.label_names, sn_cfg)
+
+
+def run_record(setup: Setup) -> dict:
+    """What ``config.json`` holds: enough to rebuild the super-network and its task."""
+    sn = dataclasses.asdict(setup.supernet_config)
+    named = {k: setup.net.space.named_config(k) for k in ("max", "mid", "min")}
+    return {
+        "train": dataclasses.asdict(setup.cfg),
+        "supernet": sn,
+        "task": setup.task,
+        "label_names": setup.label_names,
+        "groups": setup.net.groups,
+        "choices": setup.net.space.choices,
+        "macs": {k: setup.net.macs(c, setup.cfg.max_length) for k, c in named.items()},
+        "trainable_params": {k: setup.net.trainable_params(c) for k, c in named.items()},
+    }
+
+
+def config_of_run(record: dict) -> TrainConfig:
+    """The training options of a recorded run, with its groups as trained (not a groups file
+    that may have changed since)."""
+    cfg = TrainConfig.from_dict(record["train"])  # every option checked again: the file may be edited
+    groups = record["supernet"].get("groups") if isinstance(record["supernet"], dict) else None
+    if groups is not None:
+        cfg.groups = validate.groups_mapping("config.json groups", groups) if isinstance(groups, dict) else groups
+    return cfg
+
+
+def check_rebuilt(setup: Setup, record: dict, run_dir: str | Path) -> None:
+    """Refuse a run whose model or data no longer match what it was trained on."""
+    names = record.get("label_names")
+    if names is not None and names != setup.label_names:
+        raise SupernetError(f"run {str(run_dir)!r} was trained with labels {names}, but its dataset now has "
+                            f"{setup.label_names}")
+    if record.get("groups") is not None and record["groups"] != setup.net.groups:
+        raise SupernetError(f"run {str(run_dir)!r} does not match its model any more (groups differ)")
+
+
+def load_run(run_dir: str | Path, weights: bool = True) -> tuple[Setup, dict]:
+    """Rebuild a run's super-network and data from ``config.json`` and load its trained weights
+    (the final ones if training finished, else the latest checkpoint's)."""
+    record = runio.read_run_config(run_dir)
+    cfg = config_of_run(record)
+    path = runio.weights_path(run_dir) if weights else None
+    setup = build(cfg)
+    check_rebuilt(setup, record, run_dir)
+    if path is not None:
+        setup.net.load_trainable_state_dict(runio.load_tensors(path))
+    return setup, record
