@@ -9,6 +9,7 @@ the best. The reported loss is then cross-entropy over those answer scores.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,27 +107,134 @@ def _answers(enc: Encoded, row: dict) -> list[list[int]]:
     return row["choice_ids"] if "choice_ids" in row else enc.answer_ids
 
 
-def _choice_scores(model: nn.Module, enc: Encoded, rows: list[dict], device, width: int) -> torch.Tensor:
-    """Sum of log-probabilities of each answer after each prompt, shape ``(B, width)``;
-    examples with fewer answers than ``width`` get ``-inf`` in the missing places."""
-    seqs, spans, owner = [], [], []
+def _takes(model: nn.Module, arg: str) -> bool:
+    base = getattr(model, "module", model)  # DDP
+    try:
+        return arg in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def _shared_single_tokens(enc: Encoded) -> bool:
+    """Every example scores the same answers and each answer is one token: one forward of the
+    prompt alone gives every answer's log-probability at the prompt's last position."""
+    return enc.task == "causal-lm" and bool(enc.answer_ids) and all(len(a) == 1 for a in enc.answer_ids)
+
+
+def _prompt_batch(enc: Encoded, rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Prompts left-padded so that every last token sits at position -1, with explicit
+    position ids so that padding does not shift positions."""
+    seqs = [list(r["prompt_ids"]) for r in rows]
+    width = max(len(x) for x in seqs)
+    ids = torch.tensor([[enc.pad_id] * (width - len(x)) + x for x in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def _answer_batch(enc: Encoded, rows: list[dict]) -> dict:
+    """Prompt + answer sequences (one per example and answer), right-padded, with the
+    positions whose logits predict each answer token."""
+    seqs, rows_idx, cols_idx, targets, owner = [], [], [], [], []
     for b, r in enumerate(rows):
         p = list(r["prompt_ids"])
         for k, answer in enumerate(_answers(enc, r)):
-            spans.append((len(p), len(answer)))
+            i = len(seqs)
             seqs.append(p + answer)
-            owner.append((b, k))
-    ids = _pad(seqs, enc.pad_id).to(device)
-    mask = _pad([[1] * len(s) for s in seqs], 0).to(device)
-    logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-    scores = torch.full((len(rows), width), float("-inf"), device=device)
-    for i, (start, n) in enumerate(spans):
-        targets = ids[i, start : start + n]
-        scores[owner[i]] = logp[i, start - 1 : start - 1 + n].gather(-1, targets[:, None]).sum()
-    return scores
+            for j, t in enumerate(answer):
+                rows_idx.append(i)
+                cols_idx.append(len(p) - 1 + j)
+                targets.append(t)
+                owner.append(b * enc.num_classes + k)
+    return {"input_ids": _pad(seqs, enc.pad_id), "attention_mask": _pad([[1] * len(x) for x in seqs], 0),
+            "gather": (torch.tensor(rows_idx), torch.tensor(cols_idx)), "targets": torch.tensor(targets),
+            "owner": torch.tensor(owner), "examples": len(rows)}
+
+
+@dataclass
+class Prepared:
+    """One split's evaluation examples, tokenised, padded and batched once (length-sorted, on
+    the device), so that scoring a sub-network is only forward passes."""
+
+    batches: list[dict]
+    labels: torch.Tensor  # in the order the examples were asked in
+    restore: torch.Tensor  # batch-order rows -> asked order
+    examples: int
+
+
+def prepare(enc: Encoded, split: str, batch_size: int = 64, limit: int | None = None,
+            indices=None, device=None) -> Prepared:
+    """Batches of ``split`` (its first ``limit`` rows, or the rows ``indices``) for :func:`score`."""
+    ds = enc.splits[split]
+    if indices is None:
+        indices = np.arange(len(ds) if limit is None else min(limit, len(ds)))
+    indices = np.asarray(indices, dtype=np.int64)
+    length_col = "input_ids" if enc.task == "seq-cls" else "prompt_ids"
+    lengths = [len(x) for x in ds.select(indices)[length_col]] if len(indices) else []
+    perm = np.argsort([-n for n in lengths], kind="stable")  # similar lengths share a batch
+    order = indices[perm]
+    batches, labels = [], []
+    for start in range(0, len(order), batch_size):
+        rows = rows_of(ds, order[start : start + batch_size])
+        labels.extend(r["labels"] for r in rows)
+        if enc.task == "seq-cls":
+            batch = {k: v for k, v in collate(enc, rows).items() if k != "labels"}
+        elif _shared_single_tokens(enc):
+            batch = _prompt_batch(enc, rows)
+        else:
+            batch = _answer_batch(enc, rows)
+        batches.append(_to(batch, device))
+    restore = torch.as_tensor(np.argsort(perm, kind="stable"))
+    return Prepared(batches, torch.tensor(labels, dtype=torch.long)[restore], restore, len(indices))
+
+
+def _to(batch: dict, device) -> dict:
+    if device is None:
+        return batch
+    return {k: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device) if
+                isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _forward_scores(model: nn.Module, enc: Encoded, batch: dict) -> torch.Tensor:
+    """Logits (seq-cls) or answer log-likelihoods (causal-LM) of one prepared batch, ``(B, K)``."""
+    if enc.task == "seq-cls":
+        return model(**batch).logits.float()
+    if "position_ids" in batch:  # one token per answer, shared by every example
+        keep = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
+        logits = model(**batch, **keep).logits[:, -1].float()
+        return F.log_softmax(logits, dim=-1)[:, [a[0] for a in enc.answer_ids]]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    picked = logits[batch["gather"]].float()  # only the positions that predict answer tokens
+    token_logp = F.log_softmax(picked, dim=-1).gather(-1, batch["targets"][:, None])[:, 0]
+    flat = torch.zeros(batch["examples"] * enc.num_classes, device=token_logp.device)
+    flat.index_add_(0, batch["owner"], token_logp)
+    present = torch.zeros_like(flat, dtype=torch.bool)
+    present[batch["owner"]] = True
+    flat[~present] = float("-inf")  # examples with fewer answers than the widest
+    return flat.view(batch["examples"], enc.num_classes)
 
 
 @torch.no_grad()
+def score(model: nn.Module, enc: Encoded, prepared: Prepared, progress: bool = False,
+          desc: str = "eval") -> torch.Tensor:
+    """Scores ``(N, K)`` of the prepared examples, in dataset order, at the active sub-network."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for batch in tqdm(prepared.batches, desc=desc, disable=not progress, leave=False):
+            out.append(_forward_scores(model, enc, batch).cpu())
+    finally:
+        model.train(was_training)
+    if not out:
+        return torch.zeros(0, enc.num_classes)
+    return torch.cat(out)[prepared.restore]  # back to the order the examples were asked in
+
+
+def metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    return {"accuracy": float((logits.argmax(-1) == labels).float().mean()),
+            "loss": float(F.cross_entropy(logits, labels)), "examples": int(len(labels))}
+
+
 def evaluate(
     model: nn.Module,
     enc: Encoded,
@@ -142,40 +250,13 @@ def evaluate(
     Returns a dict with ``accuracy``, ``loss``, ``examples`` and, with ``return_logits``,
     ``logits`` (``(N, K)`` numpy) and ``labels``.
     """
-    ds = enc.splits[split]
-    n = len(ds) if limit is None else min(limit, len(ds))
     device = device or next(model.parameters()).device
-    # Batches of similar length waste little on padding; results go back to dataset order.
-    length_col = "input_ids" if enc.task == "seq-cls" else "prompt_ids"
-    order = np.argsort([-len(x) for x in ds.select(range(n))[length_col]], kind="stable")
-    was_training = model.training
-    model.eval()
-    all_logits, all_labels = [], []
-    try:
-        starts = range(0, n, batch_size)
-        for start in tqdm(starts, desc=f"eval {split}", disable=not progress, leave=False):
-            rows = rows_of(ds, order[start : start + batch_size])
-            labels = torch.tensor([r["labels"] for r in rows], device=device)
-            if enc.task == "seq-cls":
-                batch = {k: v.to(device) for k, v in collate(enc, rows).items() if k != "labels"}
-                logits = model(**batch).logits.float()
-            else:
-                logits = _choice_scores(model, enc, rows, device, enc.num_classes)
-            all_logits.append(logits.cpu())
-            all_labels.append(labels.cpu())
-    finally:
-        model.train(was_training)
-    inverse = torch.from_numpy(np.argsort(order, kind="stable"))
-    logits = torch.cat(all_logits)[inverse]
-    labels = torch.cat(all_labels)[inverse]
-    out = {
-        "accuracy": float((logits.argmax(-1) == labels).float().mean()),
-        "loss": float(F.cross_entropy(logits, labels)),
-        "examples": int(n),
-    }
+    prepared = prepare(enc, split, batch_size, limit, device=device)
+    logits = score(model, enc, prepared, progress=progress, desc=f"eval {split}")
+    out = metrics(logits, prepared.labels)
     if return_logits:
         out["logits"] = logits.numpy()
-        out["labels"] = labels.numpy()
+        out["labels"] = prepared.labels.numpy()
     return out
 
 
