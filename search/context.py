@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from supernet.errors import SupernetError
@@ -28,6 +28,17 @@ from .objectives import Objective
 from .space import Constraint, CostFn, Encoding
 
 EvaluateFn = Callable[[Config], Mapping[str, float]]
+# ``map_fn(evaluate, configs)`` yields ``(raw metrics, seconds)`` in the order of ``configs``.
+MapFn = Callable[[EvaluateFn, list[Config]], Iterator[tuple[Mapping[str, float], float]]]
+
+
+def timed_map(evaluate: EvaluateFn, configs: list[Config]) -> Iterator[tuple[Mapping[str, float], float]]:
+    """Evaluate one config after another in this process, timing each; lazily, so that each
+    result reaches history.csv as soon as it finishes."""
+    for config in configs:
+        start = time.perf_counter()
+        raw = evaluate(dict(config))
+        yield raw, time.perf_counter() - start
 
 
 class SearchContext:
@@ -44,15 +55,18 @@ class SearchContext:
         limit: the budget of unique evaluations, or None for no limit.
         history: history.csv; its loaded rows are the resume cache.
         progress: show a tqdm bar.
+        map_fn: how a batch of new configs is evaluated (default: in this process, in order).
     """
 
     def __init__(self, space: SearchSpace, encoding: Encoding, settings: Any, evaluate: EvaluateFn,
                  cost: CostFn | None, objectives: Sequence[Objective], constraint: Constraint | None,
-                 limit: int | None, history: HistoryFile, progress: bool = False) -> None:
+                 limit: int | None, history: HistoryFile, progress: bool = False,
+                 map_fn: MapFn | None = None) -> None:
         self.space, self.encoding, self.settings = space, encoding, settings
         self.objectives = tuple(objectives)
         self.constraint, self.limit, self.history = constraint, limit, history
         self._evaluate, self._cost_fn = evaluate, cost
+        self._map = map_fn or timed_map
         self._loaded = {encoding.key(r.config): r for r in history.load()}
         self.records: list[Record] = []
         self._by_key: dict[str, Record] = {}
@@ -101,22 +115,46 @@ class SearchContext:
     def evaluate_many(self, configs: Sequence[Config], generation: int) -> list[Record | None]:
         """Evaluate one batch (a generation); one entry per config, None when not evaluated.
 
-        A config is not evaluated when it violates the constraint or the budget ran out. New
-        configs are evaluated in order and each is appended to history.csv when it finishes.
+        A config is not evaluated when it violates the constraint or the budget ran out. The
+        decisions are made in proposal order first; the new configs are then evaluated together
+        through ``map_fn`` (one process, or split across processes) and appended to
+        history.csv in proposal order.
         """
-        out: list[Record | None] = []
-        for config in configs:
+        out: list[Record | None] = [None] * len(configs)
+        plan: list[tuple[int, str, Config]] = []  # (position in batch, key, config), in counting order
+        first: dict[str, int] = {}  # key -> position of its first proposal in this batch
+        repeats: list[tuple[int, str]] = []
+        for i, config in enumerate(configs):
             key = self.encoding.key(config)
             if key in self._by_key:
-                out.append(self._by_key[key])
+                out[i] = self._by_key[key]
+            elif key in first:
+                repeats.append((i, key))
             elif key in self._infeasible or self.violation(config) > 0:
                 self._infeasible.add(key)
-                out.append(None)
-            elif self.exhausted:
-                out.append(None)
-            else:
-                record = self._loaded.get(key) or self._evaluate_new(config, generation)
-                out.append(self._count(key, record))
+            elif self.limit is None or self.count + len(plan) < self.limit:
+                first[key] = i
+                plan.append((i, key, dict(config)))
+        new = []
+        for j, (_, key, config) in enumerate(plan):
+            if key not in self._loaded:
+                if self.count + j < len(self._loaded):
+                    raise SupernetError(f"{self.history.path} does not match this search: resuming it proposed "
+                                        "new configs before the recorded ones")
+                new.append(config)
+        results = iter(self._map(self._evaluate, new)) if new else iter(())
+        for i, key, config in plan:
+            record = self._loaded.get(key)
+            if record is None:
+                raw, seconds = next(results)
+                self.evaluator_calls += 1
+                metrics = self._metrics(config, raw)
+                record = Record(self.count, generation, config, metrics,
+                                tuple(o.value(metrics) for o in self.objectives), seconds)
+                self.history.append(record)
+            out[i] = self._count(key, record)
+        for i, key in repeats:
+            out[i] = self._by_key[key]
         return out
 
     def _count(self, key: str, record: Record) -> Record:
@@ -128,20 +166,6 @@ class SearchContext:
         self.records.append(record)
         self._by_key[key] = record
         self._bar.update(1)
-        return record
-
-    def _evaluate_new(self, config: Config, generation: int) -> Record:
-        if len(self.records) < len(self._loaded):
-            raise SupernetError(f"{self.history.path} does not match this search: resuming it proposed new configs "
-                                "before the recorded ones")
-        start = time.perf_counter()
-        raw = self._evaluate(dict(config))
-        seconds = time.perf_counter() - start
-        self.evaluator_calls += 1
-        metrics = self._metrics(config, raw)
-        record = Record(self.count, generation, dict(config), metrics,
-                        tuple(o.value(metrics) for o in self.objectives), seconds)
-        self.history.append(record)
         return record
 
     def _metrics(self, config: Config, raw: Mapping[str, float]) -> dict[str, float]:

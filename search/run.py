@@ -21,7 +21,7 @@ import pandas as pd
 from supernet.errors import SupernetError
 from supernet.space import SearchSpace
 
-from .context import EvaluateFn, SearchContext
+from .context import EvaluateFn, MapFn, SearchContext
 from .history import HistoryFile, Record, records_frame, write_atomic, write_records
 from .objectives import resolve_objectives
 from .pareto import pareto_front
@@ -111,6 +111,7 @@ def _preflight(ctx: SearchContext, check: Callable[[SearchContext], None] | None
 def run_search(
     space: SearchSpace, evaluate: EvaluateFn, cost: CostFn | None, out_dir: str | Path,
     settings: SearchSettings | None = None, resume: bool = False, progress: bool = False,
+    map_fn: MapFn | None = None,
 ) -> SearchResult:
     """Search ``space`` and write the results to ``out_dir``.
 
@@ -123,6 +124,9 @@ def run_search(
         settings: the search settings (default: ``SearchSettings()``).
         resume: continue the search in ``out_dir``, evaluating only configs not in its history.
         progress: show a tqdm progress bar.
+        map_fn: ``map_fn(evaluate, configs) -> [(metrics, seconds), ...]``: how the new configs of
+            one generation are evaluated (default: one after another in this process; the CLI
+            passes one that splits them across distributed processes).
 
     Raises:
         SupernetError: on bad input; nothing is written then.
@@ -137,7 +141,7 @@ def run_search(
     history = HistoryFile(out_dir / "history.csv", encoding, objectives)
     limit = settings.evaluations if strategy.budgeted else None
     ctx = SearchContext(space, encoding, settings, evaluate, cost, objectives, parse_constraint(settings.constraint),
-                        limit, history, progress)
+                        limit, history, progress, map_fn)
     try:
         _preflight(ctx, strategy.check)
         if not resume:

@@ -88,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--predictions", help="write per-example predictions and logits to this CSV")
     e.add_argument("--limit", type=int, help="evaluate only the first N examples")
     e.add_argument("--batch-size", type=int, default=64)
+
+    s = sub.add_parser("search", help="find the Pareto-optimal sub-networks of a trained run")
+    s.add_argument("--run", required=True, help="run directory")
+    s.add_argument("--objectives", help="two or more of acc, loss, macs, params, latency [acc,macs]")
+    s.add_argument("--algorithm", help="nsga2 (default), nsga3, smsemoa, spea2, random, grid, local, midpoint, "
+                                       "allocator")
+    s.add_argument("--population", type=int, help="configurations per generation [16]")
+    s.add_argument("--evaluations", type=int, help="budget of distinct evaluated configurations [96]")
+    s.add_argument("--eval-samples", type=int, help="validation examples that score a configuration [500]")
+    s.add_argument("--seed", type=int, help="[0]")
+    s.add_argument("--constraint", help='e.g. "macs<=7.6e8" or "params<=1e6,macs<8e8"')
+    s.add_argument("--budget", help="allocator budget, e.g. macs=7.6e8 or params=1e6")
+    s.add_argument("--name", help="search name: results go to RUN/search/NAME [ALGORITHM-OBJECTIVES-sSEED]")
+    s.add_argument("--resume", action="store_true", help="continue the search --name with its saved settings")
+    s.add_argument("--batch-size", type=int, default=64, help="examples per forward pass [64]")
     return p
 
 
@@ -138,11 +153,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+SEARCH_DEFAULTS = {"objectives": "acc,macs", "algorithm": "nsga2", "population": 16, "evaluations": 96,
+                   "seed": 0, "eval_samples": 500}
+SEARCH_SETTINGS = ("objectives", "algorithm", "population", "evaluations", "seed", "constraint", "budget",
+                   "eval_samples")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from supernet.search import SearchSettings
+    from supernet.searching import run_search_command
+
+    given = {k: getattr(args, k) for k in SEARCH_SETTINGS if getattr(args, k) is not None}
+    if args.batch_size <= 0:
+        raise SupernetError("--batch-size must be positive")
+    if args.name is not None:
+        validate.run_name(args.name)
+    if args.resume:
+        if given:
+            raise SupernetError("--resume continues a search with its saved settings; give only --run and --name")
+        if args.name is None:
+            raise SupernetError("--resume needs the --name of the search to continue")
+        settings, samples = None, SEARCH_DEFAULTS["eval_samples"]
+    else:
+        opts = {**SEARCH_DEFAULTS, **given}
+        samples = opts.pop("eval_samples")
+        settings = SearchSettings(**opts)
+    out = run_search_command(args.run, settings, args.name, args.resume, samples, args.batch_size,
+                             progress=sys.stderr.isatty())
+    if not out:  # not the main process
+        return 0
+    _print_front(out)
+    return 0
+
+
+def _print_front(out: dict) -> None:
+    front = out["pareto"]
+    objectives = out["settings"]["objectives"]
+    show = ["index", "accuracy", "val_accuracy", "test_accuracy", "macs", "params"]
+    show += [m for m in ("loss", "latency") if m in front.columns and m in objectives]
+    table = front[[c for c in show if c in front.columns]].copy()
+    for c in ("accuracy", "val_accuracy", "test_accuracy"):
+        if c in table:
+            table[c] = (100 * table[c]).map("{:.2f}".format)
+    for c in ("macs", "params"):
+        if c in table:
+            table[c] = table[c].map("{:.4g}".format)
+    print(f"Pareto front ({len(front)} of {out['evaluations']} evaluated; accuracy on "
+          f"{out['eval_examples']} validation examples, val_/test_ on the whole splits):", file=sys.stderr)
+    print(table.to_string(index=False), file=sys.stderr)
+    if out["selected"]:
+        print(f"allocator's choice: evaluation {out['selected'].get('index')}", file=sys.stderr)
+    print(f"files: {out['search']}/{{search.json, history.csv, pareto.csv, subnets/}}", file=sys.stderr)
+    print(json.dumps({"search": out["search"], "evaluations": out["evaluations"],
+                      "evaluated_now": out["evaluated_now"], "pareto_size": len(front), "processes": out["processes"],
+                      "selected": out["selected"]}))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _quiet_libraries()
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, "search": cmd_search}[args.command](args)
     except SupernetError as e:
         return _fail(str(e))
     except OSError as e:  # the file system said no (disk full, read-only, permissions) somewhere we write

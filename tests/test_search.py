@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from supernet.errors import SupernetError
 from supernet.search import (
     GRID_LIMIT,
     OBJECTIVES,
@@ -26,8 +28,6 @@ from supernet.search import (
     resolve_objectives,
     run_search,
 )
-
-from supernet.errors import SupernetError
 from supernet.space import SearchSpace
 
 GROUPS = 5

@@ -1,0 +1,136 @@
+"""`supernet search` on a trained tiny run: files, final evaluation, resume, 2 processes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from supernet.cli import main
+from supernet.search import non_dominated
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_bert_dir, tiny_csv):
+    """A short NLS run on the tiny BERT (3 choices in 8 groups)."""
+    out = tmp_path_factory.mktemp("runs")
+    code = main(["train", "--model", str(tiny_bert_dir), "--dataset", str(tiny_csv), "--text-column", "sentence",
+                 "--label-column", "sentiment", "--ranks", "8,6,4", "--max-steps", "12", "--batch-size", "8",
+                 "--eval-every", "12", "--save-every", "12", "--eval-samples", "16", "--max-length", "16",
+                 "--lr", "1e-2", "--out", str(out), "--name", "run"])
+    assert code == 0
+    return out / "run"
+
+
+SMALL = ["--population", "4", "--evaluations", "10", "--eval-samples", "24"]
+
+
+def test_search_writes_history_front_and_final_evaluation(capsys, trained_run):
+    code, out, err = cli(capsys, "search", "--run", trained_run, "--objectives", "acc,macs", *SMALL, "--name", "a")
+    assert code == 0, err
+    shown = err
+    summary = json.loads(out.strip().splitlines()[-1])
+    d = trained_run / "search" / "a"
+    assert summary["search"] == str(d) and summary["evaluations"] == 10
+    history = pd.read_csv(d / "history.csv")
+    pareto = pd.read_csv(d / "pareto.csv")
+    assert len(history) == 10 and history["config"].is_unique
+    # pareto.csv is exactly the non-dominated subset of history.csv
+    mask = non_dominated(history[["obj_acc", "obj_macs"]].to_numpy())
+    assert sorted(history.loc[mask, "index"]) == sorted(pareto["index"])
+    # final evaluation on the whole validation and test splits (40 and 80 examples of the tiny CSV)
+    assert (pareto["val_examples"] == 40).all() and (pareto["test_examples"] == 80).all()
+    assert pareto["test_accuracy"].between(0, 1).all() and pareto["test_accuracy"].nunique() >= 1
+    for i in pareto["index"]:
+        sub = json.loads((d / "subnets" / f"{i}.json").read_text())
+        assert set(sub["final"]) >= {"val_accuracy", "test_accuracy"}
+        # a front member's validation accuracy reproduces through `supernet eval`
+        code, line, err = cli(capsys, "eval", "--run", trained_run, "--subnet", d / "subnets" / f"{i}.json",
+                              "--split", "test")
+        assert code == 0, err
+        assert json.loads(line)["accuracy"] == pytest.approx(sub["final"]["test_accuracy"], abs=1e-9)
+    assert "Pareto front" in shown and str(d) in shown
+
+
+def test_search_resume_and_name_rules(capsys, trained_run):
+    args = ["search", "--run", trained_run, "--objectives", "acc,params", *SMALL, "--name", "r", "--seed", "1"]
+    assert cli(capsys, *args)[0] == 0
+    first = (trained_run / "search" / "r" / "history.csv").read_text()
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and "--resume" in err
+    code, out, err = cli(capsys, "search", "--run", trained_run, "--name", "r", "--resume")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["evaluated_now"] == 0  # everything came from the cache
+    assert (trained_run / "search" / "r" / "history.csv").read_text() == first
+    code, _, err = cli(capsys, "search", "--run", trained_run, "--objectives", "acc,macs", *SMALL, "--name", "r")
+    assert code == 2 and "different settings" in err
+
+
+BAD = [
+    (["--objectives", "acc,colour"], "unknown objective"),
+    (["--objectives", "acc"], "two"),
+    (["--algorithm", "annealing"], "unknown algorithm"),
+    (["--population", "1"], "population"),
+    (["--population", "8", "--evaluations", "4"], "at least the population"),
+    (["--constraint", "macs<<3"], "constraint"),
+    (["--algorithm", "allocator", "--budget", "flops=3"], "budget"),
+    (["--algorithm", "allocator", "--budget", "macs=10"], "budget"),
+    (["--algorithm", "grid", "--evaluations", "16"], "grid"),
+    (["--eval-samples", "0"], "--eval-samples"),
+    (["--name", "../x"], "one plain folder name"),
+    (["--resume", "--name", "nothing-here"], "no search to resume"),
+    (["--resume"], "--name"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD)
+def test_bad_search_input(capsys, trained_run, extra, message):
+    before = sorted(p.name for p in (trained_run / "search").iterdir()) if (trained_run / "search").exists() else []
+    argv = ["search", "--run", trained_run, *extra]
+    if "--resume" not in extra:
+        argv = [*argv, "--population", "4"] if "--population" not in extra else argv
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and err.startswith("supernet: error:") and err.count("\n") == 1 and message in err, err
+    after = sorted(p.name for p in (trained_run / "search").iterdir()) if (trained_run / "search").exists() else []
+    assert after == before
+
+
+def test_search_of_a_run_without_weights(capsys, trained_run, tmp_path):
+    empty = tmp_path / "untrained"
+    empty.mkdir()
+    (empty / "config.json").write_text((trained_run / "config.json").read_text())
+    code, _, err = cli(capsys, "search", "--run", empty, *SMALL)
+    assert code == 2 and "no weights" in err and not (empty / "search").exists()
+
+
+def test_two_process_search_equals_one_process(capsys, trained_run):
+    """2 CPU processes (gloo, accelerate's launcher): each generation is split and gathered; same history.
+
+    (torchrun's own parser takes ``--run`` for an abbreviation of its ``--run-path``, so the
+    multi-process search is launched through accelerate, as the README says.)"""
+    args = ["--run", str(trained_run), "--objectives", "acc,macs", "--population", "4", "--evaluations", "12",
+            "--eval-samples", "24", "--seed", "5"]
+    assert cli(capsys, "search", *args, "--name", "one")[0] == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "supernet", "search", *args, "--name", "two"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["processes"] == 2
+    one = pd.read_csv(trained_run / "search" / "one" / "history.csv")
+    two = pd.read_csv(trained_run / "search" / "two" / "history.csv")
+    assert list(one["config"]) == list(two["config"]) and list(one["generation"]) == list(two["generation"])
+    pd.testing.assert_series_equal(one["accuracy"], two["accuracy"])
+    pd.testing.assert_series_equal(one["loss"], two["loss"], atol=1e-5, rtol=1e-5)
+    assert not any(p.name.startswith("supernet-search-") for p in (trained_run / "search").iterdir())
