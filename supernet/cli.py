@@ -103,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="search name: results go to RUN/search/NAME [ALGORITHM-OBJECTIVES-sSEED]")
     s.add_argument("--resume", action="store_true", help="continue the search --name with its saved settings")
     s.add_argument("--batch-size", type=int, default=64, help="examples per forward pass [64]")
+
+    x = sub.add_parser("export", help="save a sub-network as a merged transformers model or a PEFT adapter")
+    x.add_argument("--run", required=True, help="run directory")
+    x.add_argument("--subnet", help="max, mid, min, best (of --search, under --constraint) or a JSON file")
+    x.add_argument("--pareto", action="store_true", help="export every member of the search's Pareto front")
+    x.add_argument("--search", help="search name (RUN/search/NAME); needed when the run has several")
+    x.add_argument("--constraint", help='with --subnet best, e.g. "macs<=7.6e8"')
+    x.add_argument("--format", default="merged", choices=["merged", "peft"], help="[merged]")
+    x.add_argument("--out", help="output folder [RUN/exports/SUBNET-FORMAT]")
+    x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     return p
 
 
@@ -209,11 +219,24 @@ def _print_front(out: dict) -> None:
                       "selected": out["selected"]}))
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from supernet.exporting import export_command
+
+    out = export_command(args.run, args.subnet, args.format, args.out, args.search, args.constraint, args.pareto,
+                         args.overwrite)
+    for e in out["exports"]:
+        print(f"exported {e['name']} ({args.format}, {e['shipped_params']:,} parameters shipped, verified: max |diff| "
+              f"{e['max_abs_diff']:.2e}) to {e['path']}", file=sys.stderr)
+    print(json.dumps(out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _quiet_libraries()
-        return {"train": cmd_train, "eval": cmd_eval, "search": cmd_search}[args.command](args)
+        return {"train": cmd_train, "eval": cmd_eval, "search": cmd_search,
+                "export": cmd_export}[args.command](args)
     except SupernetError as e:
         return _fail(str(e))
     except OSError as e:  # the file system said no (disk full, read-only, permissions) somewhere we write

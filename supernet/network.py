@@ -296,14 +296,15 @@ class SuperNetwork:
         self._rows[seq_len] = rows
         return rows
 
-    def macs(self, config: Mapping[str, object] | None = None, seq_len: int = 64) -> int:
+    def macs(self, config: Mapping[str, object] | None = None, seq_len: int = 64, merged: bool = False) -> int:
         """Multiply-accumulates of one forward pass over one sequence of ``seq_len`` tokens.
 
         ``../shared/DESIGN.md`` section 4: every linear layer costs ``rows * in * out`` (rows
         = the tokens it sees, measured once with hooks: all ``seq_len`` for block layers, one
         for a pooler or classifier on the first token); an unmerged adapter adds
         ``rows * r * (in + out)``; attention adds ``2 * T^2 * d`` per layer (scores and
-        weighted sum). Embeddings, norms and softmax are not counted.
+        weighted sum). Embeddings, norms and softmax are not counted. ``merged``: the adapters
+        are folded into the base weights (an exported merged model), so they add nothing.
         """
         config = self.active_config() if config is None else self.space.validate(config)
         rows = self._linear_rows(seq_len)
@@ -314,7 +315,8 @@ class SuperNetwork:
                 total += rows.get(name, 0) * fan_in * fan_out
         for group, names in self.groups.items():
             for n in names:
-                total += rows.get(f"{n}.base", 0) * self.adapters[n].adapter_macs_per_token(config[group])
+                if not merged:
+                    total += rows.get(f"{n}.base", 0) * self.adapters[n].adapter_macs_per_token(config[group])
         cfg = getattr(self.model, "config", None)
         hidden = getattr(cfg, "hidden_size", None)
         layers = getattr(cfg, "num_hidden_layers", None)

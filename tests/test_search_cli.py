@@ -134,3 +134,93 @@ def test_two_process_search_equals_one_process(capsys, trained_run):
     pd.testing.assert_series_equal(one["accuracy"], two["accuracy"])
     pd.testing.assert_series_equal(one["loss"], two["loss"], atol=1e-5, rtol=1e-5)
     assert not any(p.name.startswith("supernet-search-") for p in (trained_run / "search").iterdir())
+
+
+# ------------------------------------------------------------------------------------ export
+def _logits_of_run(trained_run, config, ids, mask):
+    import torch
+
+    from supernet.loader import load_run
+
+    setup, _ = load_run(trained_run)
+    setup.net.activate(config)
+    setup.net.model.eval()
+    with torch.no_grad():
+        return setup.net.model(input_ids=ids, attention_mask=mask).logits
+
+
+def test_export_merged_and_peft_match_the_supernetwork(capsys, trained_run, tiny_bert_dir, tmp_path):
+    """super-network at a config == reloaded merged export == base + reloaded PEFT adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not (trained_run / "search" / "a").exists():
+        assert cli(capsys, "search", "--run", trained_run, *SMALL, "--name", "a")[0] == 0
+    sub = sorted((trained_run / "search" / "a" / "subnets").glob("*.json"))[0]
+    config = json.loads(sub.read_text())["config"]
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    enc = tok(["good fun movie", "awful dull plot and cast", "the cast"], padding=True, return_tensors="pt")
+    ref = _logits_of_run(trained_run, config, enc["input_ids"], enc["attention_mask"])
+
+    code, out, err = cli(capsys, "export", "--run", trained_run, "--subnet", sub, "--format", "merged",
+                         "--out", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in k or ".base." in k for k in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**enc).logits, ref, atol=1e-5, rtol=1e-4)
+    manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
+    assert manifest["config"] == config and manifest["macs"] < json.loads(
+        (trained_run / "config.json").read_text())["macs"]["min"]  # merged adapters cost nothing
+
+    code, out, err = cli(capsys, "export", "--run", trained_run, "--subnet", sub, "--format", "peft",
+                         "--out", tmp_path / "peft")
+    assert code == 0, err
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    peft = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft(**enc).logits, ref, atol=1e-5, rtol=1e-4)
+    adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(adapter_config["rank_pattern"].values()) == set(config.values())
+
+
+def test_export_pareto_and_best(capsys, trained_run, tmp_path):
+    if not (trained_run / "search" / "a").exists():
+        assert cli(capsys, "search", "--run", trained_run, *SMALL, "--name", "a")[0] == 0
+    front = pd.read_csv(trained_run / "search" / "a" / "pareto.csv")
+    code, out, err = cli(capsys, "export", "--run", trained_run, "--pareto", "--search", "a", "--format", "peft",
+                         "--out", tmp_path / "front")
+    assert code == 0, err
+    index = pd.read_csv(tmp_path / "front" / "index.csv")
+    assert sorted(index["name"]) == sorted(front["index"]) and len(list((tmp_path / "front").iterdir())) == len(
+        front) + 1
+    limit = float(front["macs"].median())
+    code, out, err = cli(capsys, "export", "--run", trained_run, "--subnet", "best", "--search", "a",
+                         "--constraint", f"macs<={limit}", "--out", tmp_path / "best")
+    assert code == 0, err
+    chosen = json.loads((tmp_path / "best" / "manifest.json").read_text())
+    ok = front[front["macs"] <= limit]
+    best = ok.sort_values(["val_accuracy", "index"], ascending=[False, True]).iloc[0]
+    assert chosen["config"] == json.loads(best["config"]) and chosen["macs"] <= limit
+
+
+def test_bad_export_input(capsys, trained_run, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"L0.qkv": 5}))
+    cases = [
+        (["--subnet", "max", "--out", foreign], "not a supernet export"),
+        (["--subnet", wrong, "--out", tmp_path / "w"], "lacks groups"),
+        (["--subnet", "max", "--pareto"], "either --subnet"),
+        (["--pareto", "--search", "nope"], "no finished search"),
+        (["--subnet", "max", "--constraint", "macs<=1"], "--subnet best"),
+        (["--subnet", "best", "--search", "a", "--constraint", "macs<=1"], "no front member"),
+        (["--subnet", "max", "--format", "onnx"], "invalid choice"),
+    ]
+    for extra, message in cases:
+        code, _, err = cli(capsys, "export", "--run", trained_run, *extra)
+        assert code == 2 and err.startswith("supernet: error:") and err.count("\n") == 1 and message in err, err
+    assert (foreign / "keep.txt").read_text() == "mine" and not (tmp_path / "w").exists()
