@@ -23,10 +23,23 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 setup: $(BIN)/.installed
 
-## make demo: NLS-train MiniLM on Rotten Tomatoes, then evaluate its max / mid / min sub-networks
+## make demo: the whole pipeline on the embedded default (MiniLM + Rotten Tomatoes):
+## NLS training -> search (NSGA-II, small budget, plus the midpoint) -> export the best front member
+## under a MACs budget (merged transformers model and PEFT adapter) -> plots
+DEMO := runs/demo
+DEMO_MACS := 7.6e8
 demo: setup
 	$(BIN)/supernet train --name demo --overwrite
-	for sub in max mid min; do $(BIN)/supernet eval --run runs/demo --subnet $$sub --split test; done
+	$(BIN)/supernet search --run $(DEMO) --objectives acc,macs --population 8 --evaluations 24 --eval-samples 300 --name nsga2
+	$(BIN)/supernet search --run $(DEMO) --algorithm midpoint --eval-samples 300 --name midpoint
+	$(BIN)/supernet export --run $(DEMO) --subnet best --search nsga2 --constraint "macs<=$(DEMO_MACS)" --format merged
+	$(BIN)/supernet export --run $(DEMO) --subnet best --search nsga2 --constraint "macs<=$(DEMO_MACS)" --format peft
+	$(BIN)/supernet plot --run $(DEMO)
+	@echo; echo "demo outputs:"; \
+	echo "  run:      $(DEMO)/ (config.json, adapter.safetensors, train_log.csv, eval_log.csv)"; \
+	echo "  search:   $(DEMO)/search/nsga2/ (history.csv, pareto.csv, subnets/), $(DEMO)/search/midpoint/"; \
+	echo "  exports:  $(DEMO)/exports/best-merged/ (transformers), $(DEMO)/exports/best-peft/ (PEFT adapter)"; \
+	echo "  plots:    $(DEMO)/plots/ (search progress, hypervolume, training curves)"
 
 ## make test: the whole test suite (unit tests on tiny in-memory models + real-MiniLM integration)
 test: setup

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from supernet import validate
+from supernet import plots, validate
 from supernet.errors import SupernetError
 
 
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="merged", choices=["merged", "peft"], help="[merged]")
     x.add_argument("--out", help="output folder [RUN/exports/SUBNET-FORMAT]")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+
+    plots.add_plot_parser(sub)
     return p
 
 
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         _quiet_libraries()
         return {"train": cmd_train, "eval": cmd_eval, "search": cmd_search,
-                "export": cmd_export}[args.command](args)
+                "export": cmd_export, "plot": plots.cmd_plot}[args.command](args)
     except SupernetError as e:
         return _fail(str(e))
     except OSError as e:  # the file system said no (disk full, read-only, permissions) somewhere we write

@@ -28,7 +28,7 @@ SUMMARY = "summary.json"
 MARKER = ".supernet-run"  # written first into every run folder: only such folders are ever replaced
 # What supernet itself writes into a run folder; --overwrite removes these and nothing else.
 OWN_ENTRIES = {MARKER, CONFIG, ADAPTER, SUMMARY, "train_log.csv", "eval_log.csv", CHECKPOINT,
-               CHECKPOINT + ".tmp", CHECKPOINT + ".old", "search", "exports"}
+               CHECKPOINT + ".tmp", CHECKPOINT + ".old", "search", "exports", "plots"}
 
 
 def write_json(path: Path, data) -> None:
