@@ -81,6 +81,41 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def confident_llama_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with ``initializer_range=0.1``: tests that train it need an output layer
+    that can express a confident answer. The LM head stays frozen, and at the default 0.02 the
+    logits of two answers can differ by about one nat at most, so the answer loss can fall
+    only about half-way whatever the adapters learn."""
+    from transformers import LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("confident-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(initializer_range=0.1)).save_pretrained(d)
+    _tokenizer_files(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def signal_csv(tmp_path_factory) -> Path:
+    """Two classes that any tiny model learns decisively: three of the five words of every text
+    are one class word ("good" or "bad"), the rest neutral filler. Same columns and labels as
+    ``tiny_csv``. Tests that assert training progress use it, so that the outcome does not hang
+    on a CPU's kernels."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(400):
+        pos = i % 2 == 0
+        words = ["good" if pos else "bad"] * 3 + list(rng.choice(["movie", "plot", "cast"], 2))
+        rng.shuffle(words)
+        rows.append((" ".join(words), "yes" if pos else "no"))
+    import pandas as pd
+
+    p = tmp_path_factory.mktemp("signal") / "signal.csv"
+    pd.DataFrame(rows, columns=["sentence", "sentiment"]).to_csv(p, index=False)
+    return p
+
+
+@pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory) -> Path:
     """A learnable two-class sentiment CSV with string labels."""
     rng = np.random.default_rng(0)

@@ -32,8 +32,9 @@ def test_slice_equals_plain_linears(rank):
     x = torch.randn(4, 5, 12)
     expected = ad.base(x) + b(a(x)) * (16.0 / rank)
     torch.testing.assert_close(ad(x), expected)
-    # the single delta_weight agrees with the forward
-    torch.testing.assert_close(ad(x), nn.functional.linear(x, ad.base.weight + ad.delta_weight(), ad.base.bias))
+    # the single delta_weight agrees with the forward (merged: another summation order, so rtol 1e-5)
+    merged = nn.functional.linear(x, ad.base.weight + ad.delta_weight(), ad.base.bias)
+    torch.testing.assert_close(ad(x), merged, atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_reach_only_active_slice():
@@ -75,15 +76,38 @@ def test_scaling_modes(mode, expected):
 
 
 def test_bad_ranks_raise():
-    with pytest.raises(SupernetError):
+    with pytest.raises(SupernetError, match="rank must be positive"):
         ElasticLoRA(nn.Linear(4, 4), 0)
-    with pytest.raises(SupernetError):
+    with pytest.raises(SupernetError, match="exceeds the layer size"):
         ElasticLoRA(nn.Linear(4, 4), 5)  # above min(in, out)
     ad = _adapter()
-    with pytest.raises(SupernetError):
+    with pytest.raises(SupernetError, match=r"outside 1\.\.8"):
         ad.set_active(9)
-    with pytest.raises(SupernetError):
+    with pytest.raises(SupernetError, match="outside"):
+        ad.set_active(0)
+    with pytest.raises(SupernetError, match="unknown scaling 'cubic'"):
         lora_scale("cubic", 1.0, 1, 1)
+
+
+def test_dropout_masks_the_adapter_input_only_and_only_in_training():
+    """Dropout acts on the adapter's input (as in PEFT), never on the frozen base path."""
+    base = nn.Linear(12, 10)
+    ad = ElasticLoRA(base, 4, alpha=8.0, dropout=0.5)
+    with torch.no_grad():
+        ad.lora_B.normal_()
+    ad.set_active(3)
+    a, b = ad.lora_A[:3].detach(), ad.lora_B[:, :3].detach()
+    x = torch.randn(64, 12)
+    ad.train()
+    torch.manual_seed(1)
+    out = ad(x)
+    torch.manual_seed(1)
+    kept = nn.functional.dropout(torch.ones_like(x), 0.5, training=True)  # the same mask, scaled by 1/(1-p)
+    assert (kept == 0).any() and (kept != 0).any()
+    torch.testing.assert_close(out, base(x) + (x * kept) @ a.t() @ b.t() * (8.0 / 3))
+    assert not torch.allclose(out, base(x) + x @ a.t() @ b.t() * (8.0 / 3))
+    ad.eval()
+    torch.testing.assert_close(ad(x), base(x) + x @ a.t() @ b.t() * (8.0 / 3))
 
 
 def test_conv1d_is_wrapped_like_linear():
@@ -96,5 +120,36 @@ def test_conv1d_is_wrapped_like_linear():
     ad.set_active(2)
     x = torch.randn(3, 12)
     expected = x @ (conv.weight.t() + ad.delta_weight()).t() + conv.bias
-    torch.testing.assert_close(ad(x), expected)
+    torch.testing.assert_close(ad(x), expected, atol=1e-5, rtol=1e-5)
     assert ad.base_weight().shape == (10, 12)
+
+
+def test_square_conv1d_merge_orientation():
+    """Conv1D stores ``(in, out)`` and ``delta_weight()`` is ``(out, in)``: with in == out a
+    transposed delta would pass every shape check, so compare values with a non-symmetric delta."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(12, 12)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    ad = ElasticLoRA(conv, 4, alpha=8.0)
+    with torch.no_grad():
+        ad.lora_B.normal_()
+    ad.set_active(3)
+    delta = ad.delta_weight().detach()
+    assert delta.shape == (12, 12) and (delta - delta.t()).abs().max() > 1.0  # a transpose would show
+    torch.testing.assert_close(ad.base_weight(), conv.weight.t())
+    x = torch.randn(5, 12)
+    out = ad(x)
+    torch.testing.assert_close(out, x @ (ad.base_weight() + delta).t() + conv.bias, atol=1e-5, rtol=1e-5)
+    # independently of delta_weight: the adapter adds s * x A^T B^T to the Conv1D's x W + b
+    manual = x @ conv.weight + conv.bias + x @ ad.lora_A[:3].t() @ ad.lora_B[:, :3].t() * (8.0 / 3)
+    torch.testing.assert_close(out, manual)
+    # a merge into the Conv1D itself adds delta^T to its (in, out) weight; adding delta is wrong
+    merged = Conv1D(12, 12)
+    with torch.no_grad():
+        merged.weight.copy_(conv.weight + delta.t())
+        merged.bias.copy_(conv.bias)
+    torch.testing.assert_close(merged(x), out, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(x @ (conv.weight + delta) + conv.bias, out, atol=1e-3)

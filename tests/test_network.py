@@ -15,8 +15,8 @@ from supernet.network import SuperNetConfig, SuperNetwork, default_targets
 from supernet.space import SearchSpace
 
 
-def bert_net(ranks=(8, 6, 4), **kw):
-    model = BertForSequenceClassification(tiny_bert_config(num_labels=3)).eval()
+def bert_net(ranks=(8, 6, 4), attn="sdpa", **kw):
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=3, attn_implementation=attn)).eval()
     cfg = SuperNetConfig(target_modules=["query", "key", "value", "dense"], ranks=list(ranks),
                          trainable_modules=["classifier"], **kw)
     return SuperNetwork(model, cfg)
@@ -50,21 +50,40 @@ def test_bert_targets_and_block_groups():
 def test_llama_default_targets_groups_qkv_and_gate_up():
     model = LlamaForCausalLM(tiny_llama_config())
     targets = default_targets(model)
-    assert targets[:3] == ["q_proj", "k_proj", "v_proj"]
     net = SuperNetwork(model, SuperNetConfig(target_modules=targets, ranks=[8, 4]))
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                   "mlp.up_proj", "mlp.down_proj")
+    assert set(net.adapters) == {f"model.layers.{i}.{p}" for i in (0, 1) for p in projections}
     assert set(net.groups) == {f"L{i}.{g}" for i in (0, 1) for g in ("qkv", "self_attn.o_proj", "up", "mlp.down_proj")}
     assert net.groups["L0.up"] == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
     assert "lm_head" not in net.adapters
 
 
 def test_gpt2_conv1d_targets():
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32))
-    net = SuperNetwork(model, SuperNetConfig(target_modules=default_targets(model), ranks=[4, 2]))
+    """GPT-2's Conv1D layers (weight stored ``(in, out)``; attn.c_proj is square) get adapters whose
+    output equals a GPT-2 with ``s * (B A)^T`` added to each Conv1D weight, computed by hand."""
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).eval()
+    reference = GPT2LMHeadModel(config).eval()
+    reference.load_state_dict(model.state_dict())
+    net = SuperNetwork(model, SuperNetConfig(target_modules=default_targets(model), ranks=[4, 2], alpha=8.0))
     assert len(net.adapters) == 8
     assert set(net.groups) == {f"L{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
                                                                       "mlp.c_proj")}
-    out = net.model(input_ids=torch.randint(0, 100, (2, 8))).logits
-    assert out.shape == (2, 8, 100)
+    randomise(net)
+    cfg = {g: 4 if i % 2 else 2 for i, g in enumerate(net.groups)}
+    net.activate(cfg)
+    with torch.no_grad():
+        for name, ad in net.adapters.items():
+            r = cfg[next(g for g, names in net.groups.items() if name in names)]
+            conv = reference.get_submodule(name)
+            conv.weight += (ad.lora_B[:, :r] @ ad.lora_A[:r]).t() * (8.0 / r)  # Conv1D weight is (in, out)
+        ids = torch.randint(0, 100, (2, 8))
+        ours = net.model(input_ids=ids).logits
+        torch.testing.assert_close(ours, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        net.reset()
+        assert not torch.allclose(net.model(input_ids=ids).logits, ours, atol=1e-4)  # the ranks matter
 
 
 def test_activate_reset_roundtrip():
@@ -89,6 +108,23 @@ def test_config_sample_and_serialise_roundtrip():
     assert space.choices == net.space.choices
 
 
+def test_sampler_draws_every_choice_uniformly():
+    """Each group's choice is uniform over all its choices, the largest and smallest included."""
+    space = SearchSpace({"a": [8, 6, 4], "b": [16, 12, 8, 4]})
+    rng = np.random.default_rng(0)
+    draws = [space.sample(rng) for _ in range(3000)]
+    for group, choices in space.choices.items():
+        counts = {c: sum(d[group] == c for d in draws) for c in choices}
+        expected = len(draws) / len(choices)
+        for n in counts.values():  # binomial sd is at most 26 here; 5 sd of slack
+            assert abs(n - expected) < 130, (group, counts)
+    assert SearchSpace({"only": [5]}).sample(rng) == {"only": 5}
+    net = bert_net(ranks=(8, 6, 4))
+    seen = [net.sample(np.random.default_rng(s)) for s in range(200)]
+    for group in net.groups:
+        assert {cfg[group] for cfg in seen} == {8, 6, 4}, group
+
+
 def test_max_min_mid():
     net = bert_net(ranks=(16, 4, 8, 12))
     assert set(net.max_config().values()) == {16}
@@ -105,7 +141,7 @@ def test_invalid_configs_raise():
         net.activate({k: v for k, v in good.items() if k != "L0.qkv"})
     with pytest.raises(SupernetError, match="does not have"):
         net.activate({**good, "nope": 8})
-    with pytest.raises(SupernetError):
+    with pytest.raises(SupernetError, match="must be a JSON object"):
         net.activate([8, 8])
 
 
@@ -188,22 +224,30 @@ def net_max_logits(net, ids):
 
 
 def test_macs_match_flop_counter_and_formula():
+    """MACs of linear layers, adapters and attention against FlopCounterMode, a hand count, and
+    the quadratic-in-T attention term on its own."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = bert_net()
+    # eager attention runs its two matmuls (Q K^T and P V) as bmm, which FlopCounterMode counts
+    net = bert_net(attn="eager")
     randomise(net)
-    seq = 12
+    seq, d, layers = 12, 32, 2
     for cfg in (net.max_config(), net.min_config(), net.sample(np.random.default_rng(1))):
         net.activate(cfg)
         with FlopCounterMode(display=False) as fc:
             net.model(input_ids=torch.ones(1, seq, dtype=torch.long))
-        attention = 2 * seq * seq * 32 * 2  # 2 T^2 d per layer, 2 layers; not counted by FlopCounterMode here
-        assert net.macs(cfg, seq) == fc.get_total_flops() // 2 + attention
+        counts = fc.get_flop_counts()["Global"]
+        assert counts[torch.ops.aten.bmm] // 2 == layers * 2 * seq * seq * d  # T x T scores, then T x d mix
+        assert net.macs(cfg, seq) == fc.get_total_flops() // 2
     # by hand at the min config (rank 4): blocks see 12 tokens, pooler and classifier one
     block = 4 * 32 * 32 + 2 * 32 * 64
     adapters = 4 * (4 * 64 + 2 * 96)  # q, k, v, attn-out: r(in+out)=4*64; intermediate/output: 4*96
-    expected = 2 * seq * (block + adapters) + (32 * 32 + 4 * 64) + 32 * 3 + attention
+    per_head = 2 * seq * seq * (32 // 4)  # scores and weighted sum of one head
+    expected = 2 * (seq * (block + adapters) + 4 * per_head) + (32 * 32 + 4 * 64) + 32 * 3
     assert net.macs(net.min_config(), seq) == expected
+    # macs(T) = a T^2 + b T + c: the second difference over T isolates a = 2 d per layer
+    m = [net.macs(net.min_config(), t) for t in (10, 11, 12)]
+    assert m[2] - 2 * m[1] + m[0] == 2 * (layers * 2 * d)
 
 
 def test_trainable_params_formula():
