@@ -16,7 +16,10 @@ from transformers import get_cosine_schedule_with_warmup
 from supernet.tasks import BatchOrder, collate, rows_of
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-TARGETS = ["query", "key", "value", "dense"]
+# Every projection inside MiniLM's blocks (what supernet's default targets give), not the pooler:
+# ours as an ``re:`` pattern, PEFT's as the same regex string (PEFT full-matches a string target).
+BLOCK_REGEX = r".*\.\d+\.(?:.*\.)?(?:query|key|value|dense)"
+TARGETS = ["re:" + BLOCK_REGEX]
 
 
 def machine() -> dict:
@@ -27,7 +30,7 @@ def machine() -> dict:
 def peft_lora(model, rank: int, alpha: float):
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS,
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=BLOCK_REGEX,
                                             modules_to_save=["classifier"], lora_dropout=0.0))
 
 

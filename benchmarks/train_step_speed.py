@@ -1,6 +1,6 @@
 """Train-step time and peak memory: supernet's elastic LoRA vs PEFT LoRA, side by side.
 
-Real MiniLM-L6, the same targets (query, key, value, dense), r_max = PEFT r = 32, batch
+Real MiniLM-L6, the same targets (query, key, value, dense inside the blocks), r_max = PEFT r = 32, batch
 16 x 64 tokens of real Rotten Tomatoes text, AdamW step included. Timings alternate in one
 process (rotating the order every round) so machine noise hits both alike; memory is the
 peak RSS of a fresh process per variant, minus its RSS before the first step.

@@ -10,7 +10,6 @@ by ``supernet eval --subnet``) and, for the allocator, ``selected.json``.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import pandas as pd
 
 from supernet.errors import SupernetError
 from supernet.space import SearchSpace
+from supernet.validate import jsonable
 
 from .context import EvaluateFn, MapFn, SearchContext
 from .history import HistoryFile, Record, records_frame, write_atomic, write_records
@@ -181,13 +181,4 @@ def _subnet(record: Record, ctx: SearchContext) -> dict[str, Any]:
 
 def _json(data: Any) -> str:
     """Strict JSON (infinite ratios become null)."""
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps(clean(data), indent=2, allow_nan=False) + "\n"
+    return json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n"

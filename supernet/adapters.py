@@ -77,6 +77,23 @@ class ElasticAdapter(nn.Module):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x)
 
+    # Inference with the active sub-adapter folded into one dense weight: the forward then
+    # costs exactly the base layer's (the search evaluates thousands of configurations).
+    _merged: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Cache ``base_weight() + delta_weight()`` for the active choice; :meth:`forward` uses it
+        (no gradients flow then) until :meth:`unmerge_`, ``set_active`` or ``reset``."""
+        w = self.base_weight()
+        self._merged = (w.float() + self.delta_weight().float()).to(w.dtype)
+
+    def unmerge_(self) -> None:
+        self._merged = None
+
+    def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._merged, self.base.bias)
+
     def base_weight(self) -> torch.Tensor:
         """The frozen weight in ``nn.Linear`` orientation, shape ``(out, in)``."""
         w = self.base.weight
@@ -147,9 +164,11 @@ class ElasticLoRA(ElasticAdapter):
         if not 1 <= rank <= self.max_rank:
             raise SupernetError(f"rank {rank} is outside 1..{self.max_rank} of this adapter")
         self.active_rank = rank
+        self._merged = None
 
     def reset(self) -> None:
         self.active_rank = self.max_rank
+        self._merged = None
 
     @property
     def scaling(self) -> float:
@@ -173,6 +192,8 @@ class ElasticLoRA(ElasticAdapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x of shape ``(..., in)``. Returns shape ``(..., out)``."""
+        if self._merged is not None:
+            return self.merged_forward(x)
         a, b = self.active_factors()
         return self.base_forward(x) + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from supernet import plots, validate
@@ -22,6 +23,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes, not the user's
     import datasets
     import transformers
 

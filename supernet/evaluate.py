@@ -43,8 +43,9 @@ def eval_run(
         predictions = validate.writable_file("--predictions", predictions)
     setup, record = load_run(run_dir)
     config = setup.net.activate(resolve_subnet(setup, subnet))
-    res = evaluate(setup.net.model, setup.enc, split, batch_size=batch_size, limit=limit,
-                   return_logits=predictions is not None, progress=progress)
+    with setup.net.merged():  # as the search scores it: adapters folded into dense weights
+        res = evaluate(setup.net.model, setup.enc, split, batch_size=batch_size, limit=limit,
+                       return_logits=predictions is not None, progress=progress)
     out = {
         "run": str(run_dir),
         "subnet": subnet,

@@ -50,7 +50,8 @@ class Evaluator:
     def scores(self, config: Mapping[str, int]) -> torch.Tensor:
         """Logits (or answer scores) ``(N, K)`` of the prepared examples at ``config``."""
         self.net.activate(config)
-        return score(self.net.model, self.enc, self.prepared)
+        with self.net.merged():  # the forward then costs exactly the base model's
+            return score(self.net.model, self.enc, self.prepared)
 
     def __call__(self, config: Mapping[str, int]) -> dict[str, float]:
         out = metrics(self.scores(config), self.prepared.labels)
@@ -65,7 +66,7 @@ class Evaluator:
     def latency(self, config: Mapping[str, int], repeats: int = 5) -> float:
         """Median seconds of one forward pass of ``latency_batch`` sequences of ``seq_len`` tokens
         on this device (one warm-up pass first)."""
-        self.net.activate(config)
+        self.net.activate(config)  # unmerged: the latency of serving the sub-adapter as it is
         ids = torch.full((self.latency_batch, self.seq_len), 1000, dtype=torch.long, device=self.device)
         mask = torch.ones_like(ids)
         times = []

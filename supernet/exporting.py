@@ -111,7 +111,8 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
         data = space.validate(load_config_file(subnet))  # before the model loads: fail fast
         jobs = [(Path(subnet).stem, data, None)]
         source = f"file {subnet}"
-    default = run_dir / "exports" / (("pareto" if pareto else jobs[0][0]) + f"-{fmt}")
+    label = "pareto" if pareto else "best" if subnet == "best" else jobs[0][0]
+    default = run_dir / "exports" / f"{label}-{fmt}"
     target = Path(out) if out is not None else default
     _check_out(target, pareto, overwrite)
 

@@ -7,6 +7,7 @@ layouts all work. Adapters are grouped; every adapter of a group takes the group
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -223,6 +224,19 @@ class SuperNetwork:
             for n in names:
                 self.adapters[n].set_active(config[group])
         return config
+
+    @contextlib.contextmanager
+    def merged(self):
+        """Inside: every adapter's active sub-adapter is folded into a dense weight, so a forward
+        pass costs what the base model's does (no gradients reach the adapters). For
+        evaluation; leaves the super-network as it was."""
+        try:
+            for adapter in self.adapters.values():
+                adapter.merge_()
+            yield self
+        finally:
+            for adapter in self.adapters.values():
+                adapter.unmerge_()
 
     def reset(self) -> None:
         """Back to the largest sub-network."""

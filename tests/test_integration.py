@@ -53,17 +53,20 @@ def test_minilm_supernet_structure_macs_and_peft_equivalence():
 
 
 def test_minilm_rotten_tomatoes_short_nls_run(tmp_path):
-    cfg = TrainConfig(max_steps=60, train_samples=960, eval_samples=200, eval_every=60, save_every=60,
+    """A short NLS run on the real data: both extreme sub-networks learn the task decisively
+    (the majority class is 58 %; measured here: MEASURED_TBD)."""
+    cfg = TrainConfig(max_steps=80, lr=2e-3, train_samples=1280, eval_samples=300, eval_every=80, save_every=80,
                       out=str(tmp_path), name="rt")
     s = build(cfg)
     before = {}
     for sub in ("max", "min"):
         s.net.activate(s.net.space.named_config(sub))
-        before[sub] = evaluate(s.net.model, s.enc, "validation", limit=200)["loss"]
+        before[sub] = evaluate(s.net.model, s.enc, "validation", limit=300)["loss"]
     train(cfg)
     for sub in ("max", "min"):
-        after = eval_run(cfg.run_dir(), sub, "validation", limit=200)
-        assert after["loss"] < before[sub], (sub, before[sub], after["loss"])
+        after = eval_run(cfg.run_dir(), sub, "validation", limit=300)
+        assert after["accuracy"] >= 0.70, (sub, after)
+        assert after["loss"] < before[sub] - 0.1, (sub, before[sub], after["loss"])
 
 
 def test_smollm2_causal_lm_path(tmp_path):

@@ -76,3 +76,38 @@ def test_seq_cls_scores_match_one_by_one_and_indices_keep_their_order(tiny_bert_
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_sub, ref[picked], atol=1e-5, rtol=1e-5)
     assert sub.labels.tolist() == [ds[i]["labels"] for i in picked]
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_merged_inference_equals_the_adapter_path(arch):
+    """``net.merged()`` folds each active sub-adapter into a dense weight (Conv1D included):
+    same outputs as the unmerged forward, and everything is as before afterwards."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from supernet.network import SuperNetConfig, SuperNetwork, default_targets
+
+    torch.manual_seed(0)
+    if arch == "bert":
+        from conftest import tiny_bert_config
+
+        model = BertForSequenceClassification(tiny_bert_config(num_labels=2)).eval()
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32)).eval()
+    net = SuperNetwork(model, SuperNetConfig(target_modules=default_targets(model), ranks=[8, 4], alpha=8.0))
+    with torch.no_grad():
+        for ad in net.adapters.values():
+            ad.lora_B.normal_(std=0.5)
+    config = net.sample(np.random.default_rng(1))
+    net.activate(config)
+    ids = torch.randint(1, 100, (3, 10))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with net.merged():
+            merged = model(input_ids=ids).logits
+            assert all(ad._merged is not None for ad in net.adapters.values())
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(merged, plain, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, plain) and all(ad._merged is None for ad in net.adapters.values())
+    net.reset()
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, plain, atol=1e-4)  # the config mattered
