@@ -9,6 +9,7 @@ the best. The reported loss is then cross-entropy over those answer scores.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -115,10 +116,11 @@ def _takes(model: nn.Module, arg: str) -> bool:
         return False
 
 
-def _shared_single_tokens(enc: Encoded) -> bool:
-    """Every example scores the same answers and each answer is one token: one forward of the
-    prompt alone gives every answer's log-probability at the prompt's last position."""
-    return enc.task == "causal-lm" and bool(enc.answer_ids) and all(len(a) == 1 for a in enc.answer_ids)
+def _shared_answers(enc: Encoded) -> bool:
+    """Every example scores the same answers: the prompt is run once per example and every
+    answer continues it (one token: read at the prompt's last position; longer: through the
+    key/value cache, cropped back to the prompt after each answer)."""
+    return enc.task == "causal-lm" and bool(enc.answer_ids)
 
 
 def _prompt_batch(enc: Encoded, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -178,7 +180,7 @@ def prepare(enc: Encoded, split: str, batch_size: int = 64, limit: int | None = 
         labels.extend(r["labels"] for r in rows)
         if enc.task == "seq-cls":
             batch = {k: v for k, v in collate(enc, rows).items() if k != "labels"}
-        elif _shared_single_tokens(enc):
+        elif _shared_answers(enc):
             batch = _prompt_batch(enc, rows)
         else:
             batch = _answer_batch(enc, rows)
@@ -198,10 +200,8 @@ def _forward_scores(model: nn.Module, enc: Encoded, batch: dict) -> torch.Tensor
     """Logits (seq-cls) or answer log-likelihoods (causal-LM) of one prepared batch, ``(B, K)``."""
     if enc.task == "seq-cls":
         return model(**batch).logits.float()
-    if "position_ids" in batch:  # one token per answer, shared by every example
-        keep = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
-        logits = model(**batch, **keep).logits[:, -1].float()
-        return F.log_softmax(logits, dim=-1)[:, [a[0] for a in enc.answer_ids]]
+    if "position_ids" in batch:  # answers shared by every example: the prompt runs once
+        return _shared_answer_scores(model, enc, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     picked = logits[batch["gather"]].float()  # only the positions that predict answer tokens
     token_logp = F.log_softmax(picked, dim=-1).gather(-1, batch["targets"][:, None])[:, 0]
@@ -211,6 +211,32 @@ def _forward_scores(model: nn.Module, enc: Encoded, batch: dict) -> torch.Tensor
     present[batch["owner"]] = True
     flat[~present] = float("-inf")  # examples with fewer answers than the widest
     return flat.view(batch["examples"], enc.num_classes)
+
+
+def _shared_answer_scores(model: nn.Module, enc: Encoded, batch: dict) -> torch.Tensor:
+    """Log-likelihood of each shared answer after each (left-padded) prompt, ``(B, K)``."""
+    multi = any(len(a) > 1 for a in enc.answer_ids)
+    keep = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
+    out = model(**batch, **keep, use_cache=multi)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts every answer's first token
+    scores = first[:, [a[0] for a in enc.answer_ids]].clone()
+    if not multi:
+        return scores
+    cache, b = out.past_key_values, batch["input_ids"].shape[0]
+    for k, answer in enumerate(enc.answer_ids):
+        if len(answer) == 1:
+            continue
+        fed = torch.tensor(answer[:-1], device=scores.device).expand(b, -1)  # predicts answer[1:]
+        steps = torch.arange(1, len(answer), device=scores.device)
+        past = cache if hasattr(cache, "crop") else copy.deepcopy(cache)
+        o = model(input_ids=fed, attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(fed)], 1),
+                  position_ids=batch["position_ids"][:, -1:] + steps, past_key_values=past, use_cache=True)
+        targets = torch.tensor(answer[1:], device=scores.device).expand(b, -1)
+        logp = F.log_softmax(o.logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+        scores[:, k] += logp.sum(-1)
+        if past is cache:
+            cache.crop(-fed.shape[1])  # drop the answer again: back to the prompt for the next one
+    return scores
 
 
 @torch.no_grad()

@@ -361,3 +361,15 @@ def test_failed_resume_keeps_the_finished_weights(capsys, tiny_bert_dir, tiny_cs
     code, _, err = cli(capsys, "train", "--resume", reference_run, "--max-steps", "12")
     assert code == 2 and "unknown dataset" in err
     assert (reference_run / runio.ADAPTER).read_bytes() == before
+
+
+def test_file_system_refusals_end_as_one_line(capsys, tiny_train_args, tmp_path, monkeypatch):
+    """A read-only or full disk (root passes os.access checks, so simulate the refusal) ends as one
+    line, exit 2, and leaves no run behind."""
+    def refuse(run_dir):
+        raise PermissionError(13, "Permission denied", str(run_dir))
+
+    monkeypatch.setattr(runio, "mark_run", refuse)
+    code, _, err = cli(capsys, "train", *tiny_train_args, "--name", "ro")
+    assert_refused(code, err, "Permission denied")
+    assert not (tmp_path / "runs" / "ro").exists()

@@ -13,7 +13,7 @@ from supernet.data import TaskData
 from supernet.tasks import _answers, encode, prepare, score
 
 
-def _data(n=24, choices=False):
+def _data(n=24, choices=False, answers=None):
     rng = np.random.default_rng(0)
     words = ["good", "bad", "plot", "cast", "movie", "long", "short", "film", "the", "a"]
     rows = {"text": [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(n)],
@@ -24,7 +24,7 @@ def _data(n=24, choices=False):
         rows["label"] = [i % len(c) for i, c in enumerate(rows["choices"])]
     ds = Dataset.from_dict(rows)
     return TaskData(DatasetDict({"train": ds, "validation": ds, "test": ds}), ["0", "1", "2"] if choices else
-                    ["neg", "pos"], prompt="Review: {text}\nVerdict:", answers={"neg": "bad", "pos": "good"},
+                    ["neg", "pos"], prompt="Review: {text}\nVerdict:", answers=answers or {"neg": "bad", "pos": "good"},
                     has_choices=choices)
 
 
@@ -42,14 +42,17 @@ def _one_by_one_lm(model, enc, split):
     return out
 
 
-@pytest.mark.parametrize("choices", [False, True])
-def test_causal_lm_scores_match_one_by_one(tiny_llama_dir, choices):
+@pytest.mark.parametrize(("choices", "answers"), [(False, None), (False, {"neg": "not good at all", "pos": "really very great"}),
+                                                  (True, None)])
+def test_causal_lm_scores_match_one_by_one(tiny_llama_dir, choices, answers):
+    """Shared one-token answers (prompt only), shared multi-token answers (prompt once, answers
+    through the cropped KV cache) and per-example answers (prompt + answer sequences)."""
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    enc = encode(_data(choices=choices), tok, "causal-lm", 24)
-    # shared single-token answers take the prompt-only path; per-example multi-token answers the other
-    assert (not choices) == (len(enc.answer_ids) == 2 and all(len(a) == 1 for a in enc.answer_ids))
+    enc = encode(_data(choices=choices, answers=answers), tok, "causal-lm", 24)
+    if answers:  # two multi-token answers: the second one runs on the cache cropped after the first
+        assert all(len(a) > 1 for a in enc.answer_ids)
     with torch.no_grad():
         ref = _one_by_one_lm(model, enc, "validation")
         got = score(model, enc, prepare(enc, "validation", batch_size=5))
