@@ -39,7 +39,7 @@ from supernet.loader import load_run
 from supernet.search import SearchSettings, hypervolume, hypervolume_curve, run_search
 
 HERE = Path(__file__).resolve().parent
-POPULATION_STRATEGIES = ["nsga2", "nsga3", "smsemoa", "spea2", "random", "local"]
+POPULATION_STRATEGIES = ["nsga2", "nsga3", "smsemoa", "spea2", "morea", "tpe", "random", "local"]
 COLUMNS = ["obj_acc", "obj_macs"]
 
 

@@ -244,6 +244,93 @@ def run_local(ctx: SearchContext) -> None:
         ctx.evaluate_many(ctx.encoding.neighbours(member.config), generation)
 
 
+# ---------------------------------------------------------------- regularized evolution, Bayesian optimisation
+
+def run_morea(ctx: SearchContext) -> None:
+    """Multi-objective regularized evolution (syne-tune's MOREA, after Real et al. 2019).
+
+    A queue of the ``population`` most recent evaluations; each generation makes ``population``
+    children, each a one-group mutation of the best (lowest non-domination rank, then oldest)
+    of ``max(2, population // 4)`` members drawn from the queue; children join the queue and
+    the oldest members leave it. The first generation is uniform random.
+    """
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    rng = np.random.default_rng(ctx.settings.seed)
+    enc, population = ctx.encoding, ctx.settings.population
+    sample = max(2, population // 4)
+    first = [r for r in ctx.evaluate_many(list(_take(_random_configs(ctx), population)), 1) if r is not None]
+    queue = list(first)
+    generation = stalled = 0
+    while not ctx.done() and queue and stalled < MAX_STALLED_GENERATIONS:
+        generation += 1
+        children = []
+        for _ in range(population):
+            picks = [queue[i] for i in rng.choice(len(queue), size=min(sample, len(queue)), replace=False)]
+            ranks = NonDominatedSorting().do(np.array([r.objectives for r in picks], dtype=float),
+                                             return_rank=True)[1]
+            parent = min(zip(ranks, range(len(picks)), picks, strict=True), key=lambda t: (t[0], t[1]))[2]
+            x = enc.encode(parent.config)
+            var = int(rng.integers(enc.n_var))
+            options = [v for v in range(int(enc.upper[var]) + 1) if v != x[var]]
+            if options:
+                x[var] = options[int(rng.integers(len(options)))]
+            children.append(enc.decode(x))
+        before = ctx.count
+        new = [r for r in ctx.evaluate_many(children, generation + 1) if r is not None]
+        queue = (queue + new)[-population:]
+        stalled = 0 if ctx.count > before else stalled + 1
+
+
+def _take(iterable, n: int) -> list:
+    out = []
+    for item in iterable:
+        if len(out) == n:
+            break
+        out.append(item)
+    return out
+
+
+def _optuna_strategy(make_sampler: Callable[[int], object]) -> Callable[[SearchContext], None]:
+    def run(ctx: SearchContext) -> None:
+        _run_optuna(ctx, make_sampler)
+
+    return run
+
+
+def _run_optuna(ctx: SearchContext, make_sampler: Callable[[int], object]) -> None:
+    """Optuna's ask-and-tell, one configuration at a time (Bayesian optimisation is sequential);
+    ``population`` asks form one generation. Infeasible configurations are told as failed."""
+    import optuna
+    from optuna.distributions import IntDistribution
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    enc, n_obj = ctx.encoding, len(ctx.objectives)
+    space = {v.name: IntDistribution(0, len(v.choices) - 1) for v in enc.variables}
+    study = optuna.create_study(directions=["minimize"] * n_obj, sampler=make_sampler(ctx.settings.seed))
+    asks = stalled = 0
+    while not ctx.done() and stalled < MAX_STALLED_GENERATIONS * ctx.settings.population:
+        trial = study.ask(space)
+        config = enc.decode(np.array([trial.params[v.name] for v in enc.variables]))
+        before = ctx.count
+        record = ctx.evaluate_many([config], asks // ctx.settings.population + 1)[0]
+        asks += 1
+        if record is None:
+            if ctx.done():
+                break
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, list(record.objectives))
+        stalled = 0 if ctx.count > before else stalled + 1
+
+
+def _tpe(seed: int):
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+
+
 def _run_allocator(ctx: SearchContext) -> None:
     from .allocator import run_allocator
 
@@ -265,6 +352,8 @@ STRATEGIES: dict[str, Strategy] = {
     "nsga3": Strategy(_pymoo_strategy(_nsga3), True, "NSGA-III (pymoo) with Das-Dennis reference directions"),
     "smsemoa": Strategy(_pymoo_strategy(_smsemoa), True, "SMS-EMOA (pymoo), hypervolume-based selection"),
     "spea2": Strategy(_pymoo_strategy(_spea2), True, "SPEA2 (pymoo), strength-Pareto archive"),
+    "morea": Strategy(run_morea, True, "multi-objective regularized evolution (one-group mutations, aging queue)"),
+    "tpe": Strategy(_optuna_strategy(_tpe), True, "multi-objective TPE (optuna), a Bayesian optimiser"),
     "random": Strategy(run_random, True, "uniform random configurations without repeats"),
     "grid": Strategy(run_grid, False, f"every configuration once (spaces up to {GRID_LIMIT})", check_grid),
     "local": Strategy(run_local, True, "Pareto local search from the midpoint, one step per group", _check_start),
