@@ -141,7 +141,8 @@ def main() -> None:
     ap.add_argument("--small-run", default="runs/grid4")
     ap.add_argument("--budget", type=int, default=100)
     ap.add_argument("--population", type=int, default=16)
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of every strategy on the small space")
+    ap.add_argument("--default-seeds", default="0,1,2", help="seeds of every strategy on the default space")
     ap.add_argument("--eval-samples", type=int, default=200)
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -178,13 +179,14 @@ def main() -> None:
     cached = Cached(ev)
     space = setup.net.space
     mid_macs = ev.cost(space.mid_config())["macs"]
-    rows, hist = searches(space, cached, ev.cost, args.budget, seeds, args.population,
+    default_seeds = [int(s) for s in args.default_seeds.split(",")]
+    rows, hist = searches(space, cached, ev.cost, args.budget, default_seeds, args.population,
                           Path(args.run) / "search", "default", mid_macs)
     pts = np.concatenate([h[COLUMNS].to_numpy() for h in hist.values()])
     ideal, nadir = pts.min(0), pts.max(0)
     all_rows += score_rows(rows, hist, ideal, nadir)
     all_curves += curves(hist, ideal, nadir, "default")
-    summary["default"] = {"run": args.run, "space_size": space.size(), "budget": args.budget,
+    summary["default"] = {"run": args.run, "space_size": space.size(), "budget": args.budget, "seeds": default_seeds,
                           "distinct_evaluations": cached.calls}
     df = pd.DataFrame(all_rows)
     df.to_csv(RESULTS / "search_strategies.csv", index=False)
