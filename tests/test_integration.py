@@ -54,8 +54,9 @@ def test_minilm_supernet_structure_macs_and_peft_equivalence():
 
 def test_minilm_rotten_tomatoes_short_nls_run(tmp_path):
     """A short NLS run on the real data: both extreme sub-networks learn the task decisively
-    (the majority class is 58 %; measured here: MEASURED_TBD)."""
-    cfg = TrainConfig(max_steps=80, lr=2e-3, train_samples=1280, eval_samples=300, eval_every=80, save_every=80,
+    (the majority class is 58 %; measured here: loss 0.693 -> 0.537 / 0.511 and accuracy 76.7 / 80.0 %
+    for max / min, so the thresholds below leave 8+ points and half the drop as margin)."""
+    cfg = TrainConfig(max_steps=100, lr=1e-3, train_samples=1600, eval_samples=300, eval_every=100, save_every=100,
                       out=str(tmp_path), name="rt")
     s = build(cfg)
     before = {}
@@ -65,8 +66,8 @@ def test_minilm_rotten_tomatoes_short_nls_run(tmp_path):
     train(cfg)
     for sub in ("max", "min"):
         after = eval_run(cfg.run_dir(), sub, "validation", limit=300)
-        assert after["accuracy"] >= 0.70, (sub, after)
-        assert after["loss"] < before[sub] - 0.1, (sub, before[sub], after["loss"])
+        assert after["accuracy"] >= 0.68, (sub, after)
+        assert after["loss"] < before[sub] - 0.08, (sub, before[sub], after["loss"])
 
 
 def test_smollm2_causal_lm_path(tmp_path):

@@ -42,8 +42,10 @@ def _one_by_one_lm(model, enc, split):
     return out
 
 
-@pytest.mark.parametrize(("choices", "answers"), [(False, None), (False, {"neg": "not good at all", "pos": "really very great"}),
-                                                  (True, None)])
+LONG_ANSWERS = {"neg": "not good at all", "pos": "really very great"}
+
+
+@pytest.mark.parametrize(("choices", "answers"), [(False, None), (False, LONG_ANSWERS), (True, None)])
 def test_causal_lm_scores_match_one_by_one(tiny_llama_dir, choices, answers):
     """Shared one-token answers (prompt only), shared multi-token answers (prompt once, answers
     through the cropped KV cache) and per-example answers (prompt + answer sequences)."""
