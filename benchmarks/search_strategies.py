@@ -113,17 +113,24 @@ def markdown(df: pd.DataFrame) -> str:
 
 
 def figures(run: str, small_run: str) -> None:
-    """The README's figures, drawn by ``supernet plot`` from the searches above."""
+    """The README's figures, drawn by ``supernet plot`` from the benchmark's searches alone (a copy
+    of the run folder without its other searches, which may score other validation subsets)."""
     import shutil
 
     from supernet.plots import plot_run
 
-    for tag, path, progress in (("default", run, "bench-nsga2-s0"), ("small", small_run, "bench-nsga2-s0")):
+    for tag, path in (("default", Path(run)), ("small", Path(small_run))):
         with tempfile.TemporaryDirectory() as tmp:
-            plot_run(path, out=tmp)
-            for name in (f"search_progress_{progress}", "hypervolume"):
+            view = Path(tmp) / "run"
+            (view / "search").mkdir(parents=True)
+            for f in ("config.json", "train_log.csv", "eval_log.csv"):
+                shutil.copy(path / f, view / f)
+            for d in (path / "search").glob("bench-*"):
+                shutil.copytree(d, view / "search" / d.name)
+            plot_run(view, out=Path(tmp) / "plots")
+            for name in ("search_progress_bench-nsga2-s0", "hypervolume"):
                 for ext in ("png", "csv"):
-                    shutil.copy(Path(tmp) / f"{name}.{ext}", RESULTS / f"{tag}_{name}.{ext}")
+                    shutil.copy(Path(tmp) / "plots" / f"{name}.{ext}", RESULTS / f"{tag}_{name}.{ext}")
 
 
 def ensure_small_run(path: Path) -> None:

@@ -302,7 +302,7 @@ def write_png(fig, path: Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     try:
         fig.tight_layout()
-        fig.savefig(tmp, format="png", dpi=DPI)
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -463,7 +463,10 @@ def plot_hypervolume(frame: pd.DataFrame, path: Path) -> Path:
         ax.set_ylabel("normalised hypervolume (0 to 1)")
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        if len(ax.get_legend_handles_labels()[1]) > 12:  # many searches: the legend goes beside the axes
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+        else:
+            ax.legend(loc="lower right", fontsize=8)
     return write_png(fig, path)
 
 
