@@ -676,6 +676,22 @@ def _safetensors_params(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------- the two exports
+def _checked(net: SuperNetwork, config: Mapping[str, object], out_dir, batches, macs, metadata,
+             overwrite: bool) -> tuple[Config, Path, list]:
+    """What both exports check before any work: the config, the metadata, the target folder and
+    the verification inputs."""
+    config = net.space.validate(config)
+    _check_meta(macs, metadata)
+    target = _check_target(out_dir, overwrite)
+    return config, target, _prepare_batches(net, batches)
+
+
+def _save(model: nn.Module, tokenizer: Any, staging: Path) -> None:
+    model.save_pretrained(str(staging), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(staging))
+
+
 def export_merged(
     net: SuperNetwork,
     config: Mapping[str, object],
@@ -694,20 +710,15 @@ def export_merged(
     seeded random sequences) must match the super-network's within :data:`TOLERANCE`.
     Also writes ``subnet.json`` and ``manifest.json``; returns the manifest.
     """
-    config = net.space.validate(config)
-    _check_meta(macs, metadata)
-    target = _check_target(out_dir, overwrite)
-    inputs = _prepare_batches(net, batches)
+    config, target, inputs = _checked(net, config, out_dir, batches, macs, metadata, overwrite)
     model = merged_model(net, config)
     reference = reference_outputs(net, config, inputs)
     model_class = _auto_class(model)
     device, dtype = _device(model), _dtype(model)
     keys, shipped = set(model.state_dict()), _num_params(model)
     with staging_dir(target) as staging:
-        model.save_pretrained(str(staging), safe_serialization=True)
+        _save(model, tokenizer, staging)
         del model
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))
         verification = verify_merged(staging, model_class, keys, device, dtype, inputs, reference)
         manifest = _manifest("merged", net, config, shipped, verification, macs, metadata)
         _write_meta(staging, manifest)
@@ -736,20 +747,15 @@ def export_peft(
     the super-network's within :data:`TOLERANCE`. Returns the manifest.
     """
     _require_peft()
-    config = net.space.validate(config)
-    _check_meta(macs, metadata)
-    target = _check_target(out_dir, overwrite)
-    inputs = _prepare_batches(net, batches)
+    config, target, inputs = _checked(net, config, out_dir, batches, macs, metadata, overwrite)
     factors = peft_factors(net, config)
     model = peft_model(net, config, factors)
     reference = reference_outputs(net, config, inputs)
     dtype = _dtype(net.model)
     heads = _top_level(net.head_modules)
     with staging_dir(target) as staging:
-        model.save_pretrained(str(staging), safe_serialization=True)
+        _save(model, tokenizer, staging)
         del model
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))
         verification = verify_peft(staging, net, factors, heads, dtype, inputs, reference)
         shipped = _safetensors_params(staging / "adapter_model.safetensors")
         manifest = _manifest("peft", net, config, shipped, verification, macs, metadata)
