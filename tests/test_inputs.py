@@ -338,6 +338,7 @@ def test_kill_inside_the_checkpoint_swap_resumes(tiny_bert_dir, tiny_csv, tmp_pa
     resume(run)
     _same_weights(reference_run, run)
     assert not (run / "checkpoint.old").exists() and not (run / "checkpoint.tmp").exists()
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 8  # the newest copy kept
 
 
 def test_kill_after_the_last_checkpoint_finishes_on_resume(tiny_bert_dir, tiny_csv, tmp_path, reference_run):
