@@ -335,7 +335,9 @@ def test_kill_inside_the_checkpoint_swap_resumes(tiny_bert_dir, tiny_csv, tmp_pa
     monkeypatch.setattr(runio.os, "replace", real)
     run = cfg.run_dir()
     assert not (run / "checkpoint").exists() and (run / "checkpoint.old").is_dir()
-    resume(run)
+    steps_run = []
+    resume(run, on_step=lambda step, trainer: steps_run.append(step))
+    assert steps_run == []  # the complete step-8 checkpoint was found: nothing trained again
     _same_weights(reference_run, run)
     assert not (run / "checkpoint.old").exists() and not (run / "checkpoint.tmp").exists()
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 8  # the newest copy kept
