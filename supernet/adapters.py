@@ -1,12 +1,17 @@
 """Elastic low-rank adapters.
 
-An elastic adapter wraps a frozen base layer and keeps its trainable factors at the largest
-size of the search space; :meth:`ElasticAdapter.set_active` picks a sub-adapter and
-``forward`` only reads that state. Nothing random happens inside a layer.
+An elastic adapter wraps a frozen base (:mod:`supernet.bases`: dense, pruned or quantised) and
+keeps its trainable factors at the largest size of the search space; :meth:`ElasticAdapter.set_active`
+picks a sub-adapter and ``forward`` only reads that state. Nothing random happens inside a layer.
+
+Two independent axes, as PEFT separates base-layer dispatch from its LoRA variants: the frozen
+base owns the weight's structure and cost; the adapter kind owns the factors and forms the
+update in one place, :meth:`ElasticAdapter.delta_weight`. The ``merge`` flag says how the
+update reaches the base (``plain`` beside it; ``sparse``/``qa-sparse`` through its transform).
 
 Shears (Munoz et al., 2024, "Neural Low-rank adapter Search") is the rank-elastic case
 implemented here: rank ``r`` uses ``A[:r]`` and ``B[:, :r]``, so every sub-adapter shares the
-weights of the largest one. See ``../shared/DESIGN.md`` section 1.
+weights of the largest one. See ``../shared/DESIGN.md`` sections 1 and 2.
 """
 
 from __future__ import annotations
@@ -16,11 +21,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from supernet.bases import FrozenBase, is_adaptable, layer_shape  # noqa: F401 (re-exported)
 from supernet.errors import SupernetError
 
 SCALINGS = ("fixed", "lora", "rora")
+# How an adapter's update reaches its frozen base: ``plain`` adds it beside the base (merging it
+# densifies a pruned base and leaves the integer grid), ``sparse`` masks it with the base's
+# non-zero pattern (SparsePEFT), ``qa-sparse`` also puts ``W^p + delta`` through the base's
+# fake quantisation (QA-SparsePEFT). ``../shared/DESIGN.md`` section 2.
+MERGES = ("plain", "sparse", "qa-sparse")
 
 
 def lora_scale(mode: str, alpha: float, rank: int, max_rank: int) -> float:
@@ -39,67 +49,83 @@ def lora_scale(mode: str, alpha: float, rank: int, max_rank: int) -> float:
     raise SupernetError(f"unknown scaling {mode!r}; choose one of {', '.join(SCALINGS)}")
 
 
-def layer_shape(layer: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of an ``nn.Linear`` or GPT-2 style ``Conv1D``."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if isinstance(layer, Conv1D):
-        in_features, out_features = layer.weight.shape  # Conv1D stores (in, out)
-        return in_features, out_features
-    raise TypeError(f"cannot wrap {type(layer).__name__}: only nn.Linear and Conv1D")
-
-
-def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
 class ElasticAdapter(nn.Module):
     """Interface every elastic adapter kind implements.
 
     The super-network only talks to adapters through this interface: ``set_active`` with
     the adapter's choice, ``reset`` back to the largest sub-adapter, ``delta_weight`` (the
     one place the update ``Delta W`` of shape ``(out, in)`` is formed: merge, export and
-    checks go through it), and the cost counters. Later kinds (nested adapters, a subspace
-    core, masked or quantized bases, elastic width) override ``base_forward`` and
-    ``delta_weight`` and keep the rest.
+    checks go through it), and the cost counters, which ask the base for its share.
 
     Args:
-        base: the frozen layer (``nn.Linear`` or ``Conv1D``); its parameters are frozen here.
+        base: a :class:`~supernet.bases.FrozenBase`, or an ``nn.Linear`` / ``Conv1D`` (wrapped
+            as a dense one); its parameters are frozen.
+        merge: ``plain``, ``sparse`` or ``qa-sparse`` (:data:`MERGES`).
     """
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, merge: str = "plain") -> None:
         super().__init__()
-        self.in_features, self.out_features = layer_shape(base)
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
+        if merge not in MERGES:
+            raise SupernetError(f"unknown adapter merge {merge!r}; choose one of {', '.join(MERGES)}")
+        self.base = base if isinstance(base, FrozenBase) else FrozenBase(base)
+        self.in_features, self.out_features = self.base.in_features, self.base.out_features
+        self.merge = merge
+
+    @property
+    def through_base(self) -> bool:
+        """Whether the update passes through the base's transform (in training and at merge)."""
+        return self.merge != "plain"
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x)
 
-    # Inference with the active sub-adapter folded into one dense weight: the forward then
-    # costs exactly the base layer's (the search evaluates thousands of configurations).
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight in ``nn.Linear`` orientation, shape ``(out, in)``."""
+        return self.base.weight()
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W + delta`` at the active choice, fp32 ``(out, in)``: what a merged model stores.
+
+        Differentiable. With ``sparse`` it keeps exactly the base's zeros; with ``qa-sparse``
+        it lies on the base's integer grid (``s (q - z)``).
+        """
+        return self.base.merge(self.delta_weight(), through=self.through_base)
+
+    # Inference with the active sub-adapter folded into one weight: the forward then costs
+    # exactly the base layer's (the search evaluates thousands of configurations).
     _merged: torch.Tensor | None = None
 
     @torch.no_grad()
     def merge_(self) -> None:
-        """Cache ``base_weight() + delta_weight()`` for the active choice; :meth:`forward` uses it
-        (no gradients flow then) until :meth:`unmerge_`, ``set_active`` or ``reset``."""
-        w = self.base_weight()
-        self._merged = (w.float() + self.delta_weight().float()).to(w.dtype)
+        """Cache :meth:`merged_weight` for the active choice; :meth:`forward` uses it (no gradients
+        flow then) until :meth:`unmerge_`, ``set_active`` or ``reset``."""
+        self._merged = self.merged_weight().to(self.base.weight().dtype)
 
     def unmerge_(self) -> None:
         self._merged = None
 
     def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._merged, self.base.bias)
+        return F.linear(x, self._merged.to(x.dtype), self.base.bias)
 
-    def base_weight(self) -> torch.Tensor:
-        """The frozen weight in ``nn.Linear`` orientation, shape ``(out, in)``."""
-        w = self.base.weight
-        return w.t() if isinstance(self.base, Conv1D) else w
+    # ------------------------------------------------------------------ costs
+    def macs_per_token(self, choice: int | None = None, merged: bool = False) -> int:
+        """The base's MACs (non-zeros where pruned) plus the adapter's unless it is merged
+        (an update that passes through the base is always folded into it)."""
+        extra = 0 if merged or self.through_base else self.adapter_macs_per_token(choice)
+        return self.base.macs_per_token() + extra
 
-    # The adapter-specific part.
+    def nbytes(self, choice: int | None = None, merged: bool = False) -> int:
+        """Deployed bytes. Through the base: the base at its precision and structure (the update
+        is inside). Plain: merged, a dense weight in the base's float dtype; unmerged, the
+        compressed base plus fp32 factors beside it."""
+        if self.through_base:
+            return self.base.nbytes()
+        if merged:
+            w, bias = self.base.layer.weight, self.base.bias
+            return w.numel() * w.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
+        return self.base.nbytes() + self.adapter_params(choice) * 4
+
+    # ------------------------------------------------------------------ the adapter-specific part
     def set_active(self, choice: int) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -124,11 +150,15 @@ class ElasticLoRA(ElasticAdapter):
     zero at init, as in PEFT, so the super-network starts as the base model.
 
     Args:
-        base: the frozen layer.
+        base: the frozen base (or a layer, wrapped as a dense base).
         max_rank: ``r_max``, the largest rank of the search space.
         alpha: LoRA's alpha.
         scaling: ``fixed`` (alpha/r_max), ``lora`` (alpha/r) or ``rora`` (alpha/sqrt(r)).
-        dropout: dropout on the adapter's input, as in PEFT.
+        dropout: dropout on the adapter's input, as in PEFT (``plain`` merge only: a masked
+            or quantised update is folded into the weight, so it has no input of its own).
+        merge: ``plain``, ``sparse`` (SparsePEFT) or ``qa-sparse`` (QA-SparsePEFT, quantised base only).
+        dtype: the factors' dtype, fp32 by default whatever the base's; the input is cast to
+            it and the update back to the input's dtype, as PEFT does.
     """
 
     def __init__(
@@ -138,8 +168,10 @@ class ElasticLoRA(ElasticAdapter):
         alpha: float = 32.0,
         scaling: str = "lora",
         dropout: float = 0.0,
+        merge: str = "plain",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__(base)
+        super().__init__(base, merge)
         if max_rank <= 0:
             raise SupernetError(f"rank must be positive, got {max_rank}")
         if max_rank > min(self.in_features, self.out_features):
@@ -148,12 +180,17 @@ class ElasticLoRA(ElasticAdapter):
             )
         if scaling not in SCALINGS:
             raise SupernetError(f"unknown scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+        if dropout > 0 and self.through_base:
+            raise SupernetError(f"adapter dropout needs --adapter-merge plain (a {merge} update is folded "
+                                "into the weight)")
+        if merge == "qa-sparse" and not hasattr(self.base, "bits"):
+            raise SupernetError("--adapter-merge qa-sparse needs a quantised base (--bits 4 or 8)")
         self.max_rank = max_rank
         self.alpha = float(alpha)
         self.scaling_mode = scaling
-        weight = base.weight
-        self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, dtype=weight.dtype, device=weight.device))
+        device = self.base.layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.active_rank = max_rank
@@ -180,22 +217,32 @@ class ElasticLoRA(ElasticAdapter):
         return self.lora_A[:r], self.lora_B[:, :r]
 
     def delta_weight(self) -> torch.Tensor:
-        """``s * B[:, :r] A[:r]``, shape ``(out, in)``: ``nn.Linear`` orientation, always.
+        """``s * B[:, :r] A[:r]``, shape ``(out, in)``: ``nn.Linear`` orientation, always; masked
+        by the base's non-zero pattern when the update passes through the base (SparsePEFT).
 
         A GPT-2 ``Conv1D`` stores its weight as ``(in, out)``, so a merge into one adds
-        ``delta_weight().T`` to ``base.weight`` (or, equivalently, ``delta_weight()`` to
+        ``delta_weight().T`` to ``base.layer.weight`` (or, equivalently, ``delta_weight()`` to
         :meth:`base_weight`). ``tests/test_adapters.py`` checks a square Conv1D, where the
         wrong orientation would still have the right shape.
         """
         a, b = self.active_factors()
-        return (b @ a) * self.scaling
+        delta = (b @ a) * self.scaling
+        return self.base.restrict(delta) if self.through_base else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x of shape ``(..., in)``. Returns shape ``(..., out)``."""
+        """Args: x of shape ``(..., in)``. Returns shape ``(..., out)``.
+
+        ``plain``: ``base(x) + s * B A x``, as PEFT. ``sparse`` / ``qa-sparse``: one matmul with
+        :meth:`merged_weight` (``W + delta ⊙ M`` or its fake quantisation): the weight training
+        sees is the weight that ships.
+        """
         if self._merged is not None:
             return self.merged_forward(x)
+        if self.through_base:
+            return F.linear(x, self.merged_weight().to(x.dtype), self.base.bias)
         a, b = self.active_factors()
-        return self.base_forward(x) + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
+        update = F.linear(F.linear(self.dropout(x).to(a.dtype), a), b) * self.scaling
+        return self.base_forward(x) + update.to(x.dtype)
 
     def adapter_params(self, choice: int | None = None) -> int:
         r = self.active_rank if choice is None else int(choice)
@@ -207,5 +254,5 @@ class ElasticLoRA(ElasticAdapter):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r_max={self.max_rank}, "
-            f"active={self.active_rank}, alpha={self.alpha}, scaling={self.scaling_mode}"
+            f"active={self.active_rank}, alpha={self.alpha}, scaling={self.scaling_mode}, merge={self.merge}"
         )

@@ -58,9 +58,11 @@ class Evaluator:
         return {"accuracy": out["accuracy"], "loss": out["loss"]}
 
     def cost(self, config: Mapping[str, int]) -> dict[str, float]:
-        """Cheap metrics, no forward pass: MACs per sequence of ``seq_len`` tokens and the
-        parameters a sub-network ships on top of the base (adapters + head)."""
-        return {"macs": float(self.net.macs(config, self.seq_len)), "params": float(self.net.trainable_params(config))}
+        """Cheap metrics, no forward pass: MACs per sequence of ``seq_len`` tokens (non-zeros of a
+        pruned base), the parameters a sub-network ships on top of the base (adapters + head),
+        and its deployed size in bytes (bases at their precision and sparsity)."""
+        return {"macs": float(self.net.macs(config, self.seq_len)), "params": float(self.net.trainable_params(config)),
+                "size": float(self.net.size(config))}
 
     @torch.no_grad()
     def latency(self, config: Mapping[str, int], repeats: int = 5) -> float:

@@ -41,6 +41,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from supernet.adapters import ElasticAdapter, ElasticLoRA
+from supernet.bases import linear_weight, set_linear_weight
 from supernet.errors import SupernetError
 from supernet.network import SuperNetwork
 from supernet.run import write_json
@@ -122,25 +123,15 @@ def _lookup(registry: Mapping[type, Callable], adapter: ElasticAdapter, what: st
 
 
 # --------------------------------------------------------------------------- adapter kinds
-def add_delta(layer: nn.Module, delta: torch.Tensor) -> None:
-    """``layer.weight += delta`` with ``delta`` of shape ``(out, in)``; GPT-2 ``Conv1D`` stores ``(in, out)``.
-
-    The sum is formed in fp32 and cast back to the layer's dtype.
-    """
-    weight = layer.weight
-    d = delta.detach().to(device=weight.device, dtype=torch.float32)
-    if isinstance(layer, Conv1D):
-        d = d.t()
-    if d.shape != weight.shape:
-        raise SupernetError(f"adapter update of shape {tuple(d.shape)} does not fit weight {tuple(weight.shape)}")
-    with torch.no_grad():
-        weight.copy_((weight.float() + d).to(weight.dtype))
-
-
 @register_merge(ElasticLoRA)
 def merge_lora(adapter: ElasticAdapter, layer: nn.Module) -> None:
-    """Fold ``delta_weight()`` (``s * B[:, :r] A[:r]`` at the active rank) into ``layer``."""
-    add_delta(layer, adapter.delta_weight())
+    """Put the adapter's :meth:`~supernet.adapters.ElasticAdapter.merged_weight` into ``layer`` (a
+    copy of its base layer): ``W + delta`` at the active rank, through the base's transform when the
+    run trained that way, so a pruned base keeps its zeros and a QA-SparsePEFT base its grid."""
+    w = adapter.merged_weight().detach()
+    if w.shape != linear_weight(layer).shape:
+        raise SupernetError(f"merged weight of shape {tuple(w.shape)} does not fit {tuple(linear_weight(layer).shape)}")
+    set_linear_weight(layer, w)
 
 
 @register_peft(ElasticLoRA)
@@ -188,7 +179,7 @@ def base_model_copy(net: SuperNetwork) -> nn.Module:
     """
     memo: dict[int, Any] = {}
     for adapter in net.adapters.values():
-        memo[id(adapter)] = copy.deepcopy(adapter.base, memo)
+        memo[id(adapter)] = copy.deepcopy(adapter.base.layer, memo)
     return copy.deepcopy(net.model, memo)
 
 

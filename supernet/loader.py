@@ -17,10 +17,21 @@ from transformers import set_seed
 
 from supernet import run as runio
 from supernet import validate
+from supernet.adapters import MERGES
+from supernet.compression import (
+    MASKS,
+    Compression,
+    calibration_batches,
+    check_layers,
+    compute_masks,
+    load_masks,
+    make_bases,
+    save_masks,
+)
 from supernet.data import BUILTINS, load_task_data
 from supernet.errors import SupernetError
 from supernet.models import BUILTIN_MODELS, TASKS, check_task, infer_task, load_config, load_model
-from supernet.network import SuperNetConfig, SuperNetwork, default_targets
+from supernet.network import SuperNetConfig, SuperNetwork, default_targets, target_layers
 from supernet.tasks import Encoded, encode
 
 SAMPLERS = ("uniform", "sandwich")
@@ -62,6 +73,14 @@ class TrainConfig:
     eval_every: int = 100
     save_every: int = 100
     seed: int = 0
+    # the frozen base (supernet.compression.Compression; DESIGN.md section 2)
+    sparsity: float = 0.0
+    prune: str = "wanda"
+    pattern: str = "unstructured"
+    bits: int | None = None
+    group_size: int = 64
+    adapter_merge: str = "plain"  # plain | sparse (SparsePEFT) | qa-sparse (QA-SparsePEFT)
+    calibration_samples: int = 128
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32
     name: str | None = None
     out: str = "runs"
@@ -104,6 +123,21 @@ class TrainConfig:
             validate.text_option("--groups", self.groups)
         if self.name is not None:
             validate.run_name(self.name)
+        for name in ("sparsity", "group_size", "calibration_samples"):
+            validate.number(_flag(name), getattr(self, name))
+        for name in ("prune", "pattern", "adapter_merge"):
+            validate.text_option(_flag(name), getattr(self, name))
+        comp = self.compression()  # ranges, the pattern, bits
+        if self.adapter_merge not in MERGES:
+            raise SupernetError(f"unknown --adapter-merge {self.adapter_merge!r}; choose one of {', '.join(MERGES)}")
+        if self.adapter_merge == "qa-sparse" and comp.bits is None:
+            raise SupernetError("--adapter-merge qa-sparse trains through the quantiser: it needs --bits 4 or 8")
+        if self.adapter_merge == "sparse" and not comp.prunes:
+            raise SupernetError("--adapter-merge sparse masks the update with the base's zeros: it needs --sparsity "
+                                "or an N:M --pattern")
+        if self.adapter_merge != "plain" and self.dropout > 0:
+            raise SupernetError(f"--dropout needs --adapter-merge plain (a {self.adapter_merge} update is folded "
+                                "into the weight, with no input of its own)")
         # a local model folder or data file is kept as an absolute path, so that the run can
         # be evaluated, searched and exported from any working directory
         for name in ("model", "dataset"):
@@ -139,6 +173,11 @@ class TrainConfig:
             except (TypeError, ValueError):
                 raise SupernetError(f"{flag} has the wrong type: {v!r}") from None
             setattr(self, f.name, v)
+
+    def compression(self) -> Compression:
+        """The frozen base's compression options, validated."""
+        return Compression(self.sparsity, self.prune, self.pattern, self.bits, self.group_size,
+                           self.calibration_samples)
 
     def run_dir(self) -> Path:
         if self.name is not None:
@@ -214,10 +253,20 @@ class Setup:
     enc: Encoded
     label_names: list[str]
     supernet_config: SuperNetConfig
+    masks: dict | None = None  # the frozen bases' pruning masks (saved with the run)
+
+    def save_masks(self, run_dir: Path) -> None:
+        if self.masks is not None:
+            save_masks(Path(run_dir) / MASKS, self.masks)
 
 
-def build(cfg: TrainConfig, seed: int | None = None) -> Setup:
-    """Load model and data and inject adapters; every user error surfaces here."""
+def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None = None,
+          progress: bool = False) -> Setup:
+    """Load model and data, compress the frozen base, inject adapters; every user error surfaces here.
+
+    ``run_dir``: rebuild a recorded run, whose pruning masks are read from it rather than
+    calibrated again (calibration depends on floating-point reduction order).
+    """
     set_seed(cfg.seed if seed is None else seed)
     groups = load_groups(cfg.groups)
     _, model_config = load_config(cfg.model)
@@ -237,10 +286,21 @@ def build(cfg: TrainConfig, seed: int | None = None) -> Setup:
         dropout=cfg.dropout,
         groups=groups,
         trainable_modules=HEAD_PATTERNS if task == "seq-cls" else [],
+        merge=cfg.adapter_merge,
     )
-    net = SuperNetwork(model, sn_cfg)
     enc = encode(data, tokenizer, task, cfg.max_length)
-    return Setup(cfg, task, net, tokenizer, enc, data.label_names, sn_cfg)
+    comp, bases, masks = cfg.compression(), None, None
+    if comp.active:
+        targets = target_layers(model, sn_cfg)
+        check_layers(targets, comp)
+        if comp.prunes and run_dir is not None:
+            masks = load_masks(Path(run_dir) / MASKS, targets)
+        elif comp.prunes:
+            batches = calibration_batches(enc, comp.calibration_samples, cfg.seed) if comp.calibrates else None
+            masks = compute_masks(model, targets, comp, batches, progress=progress)
+        bases = make_bases(targets, masks, comp)
+    net = SuperNetwork(model, sn_cfg, bases)
+    return Setup(cfg, task, net, tokenizer, enc, data.label_names, sn_cfg, masks)
 
 
 def run_record(setup: Setup) -> dict:
@@ -256,7 +316,19 @@ def run_record(setup: Setup) -> dict:
         "choices": setup.net.space.choices,
         "macs": {k: setup.net.macs(c, setup.cfg.max_length) for k, c in named.items()},
         "trainable_params": {k: setup.net.trainable_params(c) for k, c in named.items()},
+        "size": {k: setup.net.size(c) for k, c in named.items()},
+        "bases": base_summary(setup.net),
     }
+
+
+def base_summary(net: SuperNetwork) -> dict:
+    """The frozen bases at a glance: kind, overall sparsity of the adapted layers, bits, bytes."""
+    bases = [a.base for a in net.adapters.values()]
+    total = sum(b.in_features * b.out_features for b in bases)
+    kinds = sorted({b.kind for b in bases})
+    return {"kind": kinds[0] if len(kinds) == 1 else kinds, "sparsity": 1 - sum(b.nnz() for b in bases) / total,
+            "bits": getattr(bases[0], "bits", None), "group_size": getattr(bases[0], "group_size", None),
+            "weight_bytes": sum(b.weight_bytes() for b in bases), "merge": net.config.merge}
 
 
 def config_of_run(record: dict) -> TrainConfig:
@@ -285,7 +357,7 @@ def load_run(run_dir: str | Path, weights: bool = True) -> tuple[Setup, dict]:
     record = runio.read_run_config(run_dir)
     cfg = config_of_run(record)
     path = runio.weights_path(run_dir) if weights else None
-    setup = build(cfg)
+    setup = build(cfg, run_dir=run_dir)
     check_rebuilt(setup, record, run_dir)
     if path is not None:
         setup.net.load_trainable_state_dict(runio.load_tensors(path))

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from supernet import validate
-from supernet.adapters import SCALINGS, ElasticAdapter, ElasticLoRA, is_adaptable, layer_shape
+from supernet.adapters import MERGES, SCALINGS, ElasticAdapter, ElasticLoRA
+from supernet.bases import FrozenBase, is_adaptable, layer_shape
 from supernet.errors import SupernetError
 from supernet.space import Config, SearchSpace
 
@@ -70,6 +71,8 @@ class SuperNetConfig:
             an explicit ``{group: [patterns]}`` mapping.
         trainable_modules: patterns of whole modules trained alongside the adapters (the
             new classification head); they are shared by all sub-networks.
+        merge: how updates reach the frozen bases: ``plain``, ``sparse`` (SparsePEFT) or
+            ``qa-sparse`` (QA-SparsePEFT), see :data:`supernet.adapters.MERGES`.
     """
 
     target_modules: list[str]
@@ -79,6 +82,7 @@ class SuperNetConfig:
     dropout: float = 0.0
     groups: str | dict[str, list[str]] = "block"
     trainable_modules: list[str] = field(default_factory=list)
+    merge: str = "plain"
 
     def __post_init__(self) -> None:
         if not self.target_modules:
@@ -96,6 +100,8 @@ class SuperNetConfig:
             raise SupernetError(f"unknown scaling {self.scaling!r}; choose one of {', '.join(SCALINGS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise SupernetError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.merge not in MERGES:
+            raise SupernetError(f"unknown adapter merge {self.merge!r}; choose one of {', '.join(MERGES)}")
         if isinstance(self.groups, str) and self.groups not in GROUPINGS:
             raise SupernetError(f"unknown grouping {self.groups!r}; use {', '.join(GROUPINGS)} or a JSON file")
         if isinstance(self.groups, Mapping):
@@ -148,6 +154,33 @@ def assign_groups(names: list[str], groups: str | Mapping[str, list[str]]) -> di
     return out
 
 
+def target_layers(model: nn.Module, config: SuperNetConfig) -> dict[str, nn.Module]:
+    """The layers that get an adapter, by name: linear layers matching the target patterns,
+    outside the trained head, each wide enough for ``r_max``."""
+
+    def in_head(name: str) -> bool:  # the module or one of its parents is trained whole
+        parts = name.split(".")
+        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return any(matches(q, p) for q in prefixes for p in config.trainable_modules)
+
+    targets = {
+        n: m
+        for n, m in model.named_modules()
+        if n and is_adaptable(m) and any(matches(n, p) for p in config.target_modules) and not in_head(n)
+    }
+    if not targets:
+        linear = [n for n, m in model.named_modules() if is_adaptable(m)][:4]
+        raise SupernetError(
+            f"target patterns {config.target_modules} match no linear module "
+            f"(this model has e.g. {', '.join(linear)})"
+        )
+    for n, m in targets.items():
+        fan_in, fan_out = layer_shape(m)
+        if config.max_rank > min(fan_in, fan_out):
+            raise SupernetError(f"rank {config.max_rank} exceeds the size of {n} ({fan_out}x{fan_in})")
+    return targets
+
+
 class SuperNetwork:
     """A Hugging Face model with elastic adapters in its target layers.
 
@@ -158,38 +191,27 @@ class SuperNetwork:
     Args:
         model: any ``transformers`` model (or plain ``nn.Module``); modified in place.
         config: what to inject and how to group it.
+        bases: the frozen base of each target layer by name (pruned or quantised, built by
+            :mod:`supernet.compress`); a target not named here keeps a dense base.
     """
 
-    def __init__(self, model: nn.Module, config: SuperNetConfig) -> None:
+    def __init__(self, model: nn.Module, config: SuperNetConfig,
+                 bases: Mapping[str, FrozenBase] | None = None) -> None:
         self.model = model
         self.config = config
-        def in_head(name: str) -> bool:  # the module or one of its parents is trained whole
-            parts = name.split(".")
-            prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-            return any(matches(q, p) for q in prefixes for p in config.trainable_modules)
-
-        targets = [
-            (n, m)
-            for n, m in model.named_modules()
-            if n and is_adaptable(m) and any(matches(n, p) for p in config.target_modules) and not in_head(n)
-        ]
-        if not targets:
-            linear = [n for n, m in model.named_modules() if is_adaptable(m)][:4]
-            raise SupernetError(
-                f"target patterns {config.target_modules} match no linear module "
-                f"(this model has e.g. {', '.join(linear)})"
-            )
-        for n, m in targets:
-            fan_in, fan_out = layer_shape(m)
-            if config.max_rank > min(fan_in, fan_out):
-                raise SupernetError(
-                    f"rank {config.max_rank} exceeds the size of {n} ({fan_out}x{fan_in})"
-                )
+        targets = list(target_layers(model, config).items())
+        bases = dict(bases or {})
+        unknown = sorted(set(bases) - {n for n, _ in targets})
+        if unknown:
+            raise SupernetError(f"a frozen base was given for {unknown[0]!r}, which is not a target layer")
         for p in model.parameters():
             p.requires_grad_(False)
         self.adapters: dict[str, ElasticAdapter] = {}
         for n, m in targets:
-            adapter = ElasticLoRA(m, config.max_rank, config.alpha, config.scaling, config.dropout)
+            base = bases.get(n, m)
+            if isinstance(base, FrozenBase) and base.layer is not m:
+                raise SupernetError(f"the frozen base given for {n!r} wraps another layer")
+            adapter = ElasticLoRA(base, config.max_rank, config.alpha, config.scaling, config.dropout, config.merge)
             parent_name, _, child = n.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, adapter)
@@ -282,15 +304,18 @@ class SuperNetwork:
             total += sum(self.adapters[n].adapter_params(config[group]) for n in names)
         return total
 
+    def _inside_adapter(self, name: str) -> bool:
+        return any(name.startswith(a + ".") for a in self.adapters)
+
     def _linear_rows(self, seq_len: int) -> dict[str, int]:
-        """Rows (tokens) each linear layer sees for one sequence of ``seq_len`` tokens."""
+        """Rows (tokens) each linear layer and each adapter sees for one sequence of ``seq_len`` tokens."""
         if seq_len in self._rows:
             return self._rows[seq_len]
         rows: dict[str, int] = {}
         hooks = []
         for name, module in self.model.named_modules():
-            if is_adaptable(module) and not isinstance(module, ElasticAdapter):
-                fan_in, _ = layer_shape(module)
+            if isinstance(module, ElasticAdapter) or is_adaptable(module) and not self._inside_adapter(name):
+                fan_in = module.in_features if isinstance(module, ElasticAdapter) else layer_shape(module)[0]
 
                 def hook(mod, inputs, output, name=name, fan_in=fan_in):
                     rows[name] = rows.get(name, 0) + inputs[0].numel() // fan_in
@@ -313,9 +338,10 @@ class SuperNetwork:
     def macs(self, config: Mapping[str, object] | None = None, seq_len: int = 64, merged: bool = False) -> int:
         """Multiply-accumulates of one forward pass over one sequence of ``seq_len`` tokens.
 
-        ``../shared/DESIGN.md`` section 4: every linear layer costs ``rows * in * out`` (rows
-        = the tokens it sees, measured once with hooks: all ``seq_len`` for block layers, one
-        for a pooler or classifier on the first token); an unmerged adapter adds
+        ``../shared/DESIGN.md`` section 4: a linear layer costs ``rows * in * out`` (rows = the
+        tokens it sees, measured once with hooks: all ``seq_len`` for block layers, one for a
+        pooler or classifier on the first token); an adapted layer asks its adapter, which counts
+        its base's non-zeros (a pruned base costs ``rows * nnz(W)``) and, unless merged,
         ``rows * r * (in + out)``; attention adds ``2 * T^2 * d`` per layer (scores and
         weighted sum). Embeddings, norms and softmax are not counted. ``merged``: the adapters
         are folded into the base weights (an exported merged model), so they add nothing.
@@ -324,18 +350,31 @@ class SuperNetwork:
         rows = self._linear_rows(seq_len)
         total = 0
         for name, module in self.model.named_modules():
-            if is_adaptable(module) and not isinstance(module, ElasticAdapter):
+            if is_adaptable(module) and not self._inside_adapter(name):
                 fan_in, fan_out = layer_shape(module)
                 total += rows.get(name, 0) * fan_in * fan_out
         for group, names in self.groups.items():
             for n in names:
-                if not merged:
-                    total += rows.get(f"{n}.base", 0) * self.adapters[n].adapter_macs_per_token(config[group])
+                total += rows.get(n, 0) * self.adapters[n].macs_per_token(config[group], merged=merged)
         cfg = getattr(self.model, "config", None)
         hidden = getattr(cfg, "hidden_size", None)
         layers = getattr(cfg, "num_hidden_layers", None)
         if hidden and layers:
             total += 2 * seq_len * seq_len * hidden * layers
+        return int(total)
+
+    def size(self, config: Mapping[str, object] | None = None, merged: bool | None = None) -> int:
+        """Deployed bytes of the sub-network: every parameter outside the adapted layers at its
+        dtype, plus each adapted layer as it ships (its base at its precision and sparsity, and
+        the adapter merged into it or beside it). ``merged`` None: merged when the updates pass
+        through the bases (they are always folded in), else the compressed base with the factors."""
+        config = self.active_config() if config is None else self.space.validate(config)
+        merged = self.config.merge != "plain" if merged is None else merged
+        total = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
+                    if not self._inside_adapter(n))
+        for group, names in self.groups.items():
+            for n in names:
+                total += self.adapters[n].nbytes(config[group], merged=merged)
         return int(total)
 
     def describe(self) -> dict:

@@ -27,7 +27,7 @@ CHECKPOINT = "checkpoint"
 SUMMARY = "summary.json"
 MARKER = ".supernet-run"  # written first into every run folder: only such folders are ever replaced
 # What supernet itself writes into a run folder; --overwrite removes these and nothing else.
-OWN_ENTRIES = {MARKER, CONFIG, ADAPTER, SUMMARY, "train_log.csv", "eval_log.csv", CHECKPOINT,
+OWN_ENTRIES = {MARKER, CONFIG, ADAPTER, SUMMARY, "train_log.csv", "eval_log.csv", CHECKPOINT, "compression.safetensors",
                CHECKPOINT + ".tmp", CHECKPOINT + ".old", "search", "exports", "plots"}
 
 
@@ -123,9 +123,9 @@ def finished_at(run_dir: Path) -> int | None:
     return int(steps) if (run_dir / ADAPTER).is_file() else None
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 

@@ -366,7 +366,8 @@ def resume(run_dir: str | Path, max_steps: int | None = None,
 
 
 def _run(cfg: TrainConfig, run_dir: Path, resuming: bool, on_step) -> dict:
-    setup = build(cfg)  # every user error is raised here, before anything is written
+    # every user error is raised here, before anything is written
+    setup = build(cfg, run_dir=run_dir if resuming else None, progress=True)
     if resuming:
         check_rebuilt(setup, runio.read_run_config(run_dir), run_dir)
     trainer = Trainer(setup, run_dir, on_step=on_step)
@@ -382,6 +383,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resuming: bool, on_step) -> dict:
         if not resuming and run_dir.exists():
             runio.remove_run(run_dir)  # checked by check_replaceable: only what supernet wrote
         runio.mark_run(run_dir)
+        if not resuming:
+            setup.save_masks(run_dir)  # before config.json: a run with a config has its masks
         runio.write_json(run_dir / runio.CONFIG, record)
     trainer.accelerator.wait_for_everyone()
     return trainer.train()

@@ -33,7 +33,7 @@ def test_slice_equals_plain_linears(rank):
     expected = ad.base(x) + b(a(x)) * (16.0 / rank)
     torch.testing.assert_close(ad(x), expected)
     # the single delta_weight agrees with the forward (merged: another summation order, so rtol 1e-5)
-    merged = nn.functional.linear(x, ad.base.weight + ad.delta_weight(), ad.base.bias)
+    merged = nn.functional.linear(x, ad.base_weight() + ad.delta_weight(), ad.base.bias)
     torch.testing.assert_close(ad(x), merged, atol=1e-5, rtol=1e-5)
 
 
@@ -44,7 +44,7 @@ def test_gradients_reach_only_active_slice():
     assert ad.lora_A.grad[:3].abs().sum() > 0 and ad.lora_B.grad[:, :3].abs().sum() > 0
     assert torch.all(ad.lora_A.grad[3:] == 0)
     assert torch.all(ad.lora_B.grad[:, 3:] == 0)
-    assert ad.base.weight.grad is None and not ad.base.weight.requires_grad
+    assert ad.base.layer.weight.grad is None and not ad.base.layer.weight.requires_grad
 
 
 def test_active_rank_holds_in_eval_and_train():

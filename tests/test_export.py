@@ -92,7 +92,7 @@ def logits_at(net: SuperNetwork, cfg, inputs) -> torch.Tensor:
 def plain_base(net: SuperNetwork, zero_heads: bool = True) -> nn.Module:
     """The original model rebuilt by hand from the super-network's state dict (``.base`` layers, no ``lora_``)."""
     model = type(net.model)(net.model.config).eval()
-    state = {k.replace(".base.", "."): v for k, v in net.model.state_dict().items() if "lora_" not in k}
+    state = {k.replace(".base.layer.", "."): v for k, v in net.model.state_dict().items() if "lora_" not in k}
     model.load_state_dict(state)
     if zero_heads:  # a stock base has an untrained head: the PEFT export must bring it
         with torch.no_grad():
@@ -270,7 +270,8 @@ def test_peft_export_of_colliding_names(tmp_path):
     adapter_cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert isinstance(adapter_cfg["target_modules"], str)  # a list entry "a.b" would also adapt outer.a.b
     fresh = Toy()
-    fresh.load_state_dict({k.replace(".base.", "."): v for k, v in net.model.state_dict().items() if "lora_" not in k})
+    state = net.model.state_dict()
+    fresh.load_state_dict({k.replace(".base.layer.", "."): v for k, v in state.items() if "lora_" not in k})
     loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "p")).eval()
     got = {n: m.r["default"] for n, m in loaded.base_model.model.named_modules() if isinstance(m, LoraLayer)}
     assert got == cfg
@@ -378,7 +379,7 @@ def test_base_model_copy_is_the_original_model():
     assert base.state_dict().keys() == ref.state_dict().keys()
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in base.state_dict().items())
     assert base.lm_head.weight is base.transformer.wte.weight  # ties survive the copy
-    assert base.transformer.h[0].attn.c_attn.weight is not net.adapters["transformer.h.0.attn.c_attn"].base.weight
+    assert base.transformer.h[0].attn.c_attn.weight is not net.adapters["transformer.h.0.attn.c_attn"].base.layer.weight
 
 
 # ----------------------------------------------------------------------------- stock loading, no supernet

@@ -196,7 +196,7 @@ def test_equals_peft_lora_at_fixed_rank(scaling, use_rslora):
     randomise(net)
     net.activate(net.min_config())  # rank 4 everywhere
     peft_base = BertForSequenceClassification(tiny_bert_config(num_labels=3)).eval()
-    state = {k.replace(".base.", "."): v for k, v in net.model.state_dict().items() if "lora_" not in k}
+    state = {k.replace(".base.layer.", "."): v for k, v in net.model.state_dict().items() if "lora_" not in k}
     peft_base.load_state_dict(state)
     # fixed scaling is alpha/r_max whatever the rank: PEFT expresses it as alpha' = alpha * r / r_max
     alpha = 12.0 * 4 / 8 if scaling == "fixed" else 12.0

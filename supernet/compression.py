@@ -1,0 +1,165 @@
+"""Compressed frozen bases for a run: calibrate, prune (Wanda / magnitude, unstructured or N:M),
+quantise (group-wise INT4/INT8), and keep what is needed to rebuild them exactly.
+
+The maths are the pure functions of :mod:`supernet.compress`; this module applies them to a
+model's target layers. The masks are the one thing that depends on calibration data and
+floating-point reduction order, so a run stores them (bit-packed, ``compression.safetensors``)
+and every later ``eval``/``search``/``export``/``--resume`` reuses them; the quantisation grid is
+a deterministic function of the pruned weight and is recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from supernet.bases import FrozenBase, frozen_base, layer_shape, linear_weight
+from supernet.compress.calibration import input_sq_norms
+from supernet.compress.quant import BITS
+from supernet.compress.sparsity import parse_pattern, prune_mask
+from supernet.errors import SupernetError
+from supernet.tasks import Encoded, collate, rows_of
+
+MASKS = "compression.safetensors"
+PRUNERS = ("wanda", "magnitude")
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How the frozen base is compressed before the adapters are trained.
+
+    Args:
+        sparsity: fraction of each row's weights removed (an N:M pattern implies ``1 - N/M``).
+        prune: ``wanda`` (``|W| * ||X_j||``, calibrated) or ``magnitude`` (``|W|``).
+        pattern: ``unstructured`` or ``N:M`` (``2:4``, ``4:8``: N kept in every M inputs).
+        bits: 4 or 8 for an integer base; None keeps it in floating point.
+        group_size: input columns per ``(scale, zero)``.
+        calibration_samples: training sequences Wanda's statistics are gathered on.
+    """
+
+    sparsity: float = 0.0
+    prune: str = "wanda"
+    pattern: str = "unstructured"
+    bits: int | None = None
+    group_size: int = 64
+    calibration_samples: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise SupernetError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.prune not in PRUNERS:
+            raise SupernetError(f"unknown --prune {self.prune!r}; choose one of {', '.join(PRUNERS)}")
+        try:
+            nm = parse_pattern(self.pattern)
+        except ValueError as e:
+            raise SupernetError(str(e)) from None
+        if nm is not None and self.sparsity not in (0.0, 1 - nm[0] / nm[1]):
+            raise SupernetError(f"--pattern {self.pattern} removes {1 - nm[0] / nm[1]:g} of the weights, "
+                                f"but --sparsity is {self.sparsity:g}")
+        if self.bits is not None and self.bits not in BITS:
+            raise SupernetError(f"--bits must be 4 or 8, got {self.bits}")
+        if self.group_size <= 0:
+            raise SupernetError(f"--group-size must be positive, got {self.group_size}")
+        if self.calibration_samples <= 0:
+            raise SupernetError(f"--calibration-samples must be positive, got {self.calibration_samples}")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def ratio(self) -> float:
+        """The sparsity actually applied."""
+        return 1 - self.nm[0] / self.nm[1] if self.nm else self.sparsity
+
+    @property
+    def prunes(self) -> bool:
+        return self.ratio > 0
+
+    @property
+    def active(self) -> bool:
+        return self.prunes or self.bits is not None
+
+    @property
+    def calibrates(self) -> bool:
+        return self.prunes and self.prune == "wanda"
+
+
+def check_layers(targets: Mapping[str, nn.Module], comp: Compression) -> None:
+    """Refuse layer widths the pattern or the group size cannot tile, before any work."""
+    for name, layer in targets.items():
+        width = layer_shape(layer)[0]
+        if comp.nm and width % comp.nm[1]:
+            raise SupernetError(f"--pattern {comp.pattern}: the width {width} of {name} is not divisible by "
+                                f"{comp.nm[1]}")
+        if comp.bits is not None and width % comp.group_size:
+            raise SupernetError(f"--group-size {comp.group_size} does not divide the width {width} of {name}")
+
+
+def calibration_batches(enc: Encoded, samples: int, seed: int, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+    """``samples`` training sequences drawn with ``seed`` (without replacement), batched."""
+    train = enc.splits["train"]
+    if samples > len(train):
+        raise SupernetError(f"--calibration-samples {samples} exceeds the {len(train)} examples of the train split")
+    order = np.random.default_rng(seed).permutation(len(train))[:samples]
+    return [collate(enc, rows_of(train, order[i:i + batch_size])) for i in range(0, samples, batch_size)]
+
+
+def compute_masks(model: nn.Module, targets: Mapping[str, nn.Module], comp: Compression,
+                  batches: list[dict] | None, progress: bool = False) -> dict[str, torch.Tensor]:
+    """The keep-mask of every target layer (Wanda when calibration batches are given, else magnitude)."""
+    norms: Mapping[str, torch.Tensor] = {}
+    if comp.calibrates:
+        device = next(model.parameters()).device
+        moved = [{k: v.to(device) for k, v in b.items()} for b in batches or []]
+        norms, _ = input_sq_norms(model, targets, moved, progress=progress)
+    return {name: prune_mask(linear_weight(layer), norms.get(name), comp.ratio, comp.pattern).cpu()
+            for name, layer in targets.items()}
+
+
+def make_bases(targets: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor] | None,
+               comp: Compression) -> dict[str, FrozenBase]:
+    """The frozen base of every target layer (each layer's weight is pruned / quantised in place)."""
+    return {name: frozen_base(layer, None if masks is None else masks[name], comp.bits, comp.group_size)
+            for name, layer in targets.items()}
+
+
+def save_masks(path: Path, masks: Mapping[str, torch.Tensor]) -> None:
+    """Bit-packed masks (one bit per weight) with their shapes in the metadata; written atomically."""
+    from supernet.run import save_tensors
+
+    packed = {n: torch.from_numpy(np.packbits(m.numpy().astype(bool), axis=1)) for n, m in masks.items()}
+    shapes = {n: list(m.shape) for n, m in masks.items()}
+    save_tensors(path, packed, metadata={"shapes": json.dumps(shapes)})
+
+
+def load_masks(path: Path, targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Masks saved by :func:`save_masks`, checked against the target layers."""
+    if not path.is_file():
+        raise SupernetError(f"{str(path)!r} is missing: the run's pruning masks cannot be rebuilt without it")
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = json.loads((f.metadata() or {}).get("shapes", "{}"))
+            masks = {}
+            for name, layer in targets.items():
+                if name not in f.keys() or name not in shapes:
+                    raise SupernetError(f"{str(path)!r} has no mask for {name}")
+                fan_in, fan_out = layer_shape(layer)
+                if shapes[name] != [fan_out, fan_in]:
+                    raise SupernetError(f"{str(path)!r}: the mask of {name} has shape {shapes[name]}, "
+                                        f"the layer {[fan_out, fan_in]}")
+                bits = np.unpackbits(f.get_tensor(name).numpy(), axis=1, count=fan_in)
+                masks[name] = torch.from_numpy(bits.astype(bool))
+    except SupernetError:
+        raise
+    except Exception as e:  # a truncated or foreign file
+        raise SupernetError(f"cannot read {str(path)!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    return masks
