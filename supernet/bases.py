@@ -59,6 +59,7 @@ class FrozenBase(nn.Module):
     """
 
     kind = "dense"
+    pattern: str | None = None  # how a pruned base was pruned (unstructured, 2:4, ...), for manifests
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--pareto", action="store_true", help="export every member of the search's Pareto front")
     x.add_argument("--search", help="search name (RUN/search/NAME); needed when the run has several")
     x.add_argument("--constraint", help='with --subnet best, e.g. "macs<=7.6e8"')
-    x.add_argument("--format", default="merged", choices=["merged", "peft"], help="[merged]")
+    x.add_argument("--format", default="merged", choices=["merged", "peft", "compressed"],
+                   help="merged transformers model, PEFT adapter, or compressed-tensors (pruned / integer) [merged]")
     x.add_argument("--out", help="output folder [RUN/exports/SUBNET-FORMAT]")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
 

@@ -127,8 +127,11 @@ def compute_masks(model: nn.Module, targets: Mapping[str, nn.Module], comp: Comp
 def make_bases(targets: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor] | None,
                comp: Compression) -> dict[str, FrozenBase]:
     """The frozen base of every target layer (each layer's weight is pruned / quantised in place)."""
-    return {name: frozen_base(layer, None if masks is None else masks[name], comp.bits, comp.group_size)
-            for name, layer in targets.items()}
+    bases = {name: frozen_base(layer, None if masks is None else masks[name], comp.bits, comp.group_size)
+             for name, layer in targets.items()}
+    for base in bases.values():
+        base.pattern = comp.pattern if comp.prunes else None
+    return bases
 
 
 def save_masks(path: Path, masks: Mapping[str, torch.Tensor]) -> None:

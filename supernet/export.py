@@ -1,6 +1,6 @@
 """Export one sub-network of a super-network as a deployable model (``../shared/DESIGN.md`` section 5).
 
-Two formats, both written from a :class:`~supernet.network.SuperNetwork` and a configuration
+Three formats, all written from a :class:`~supernet.network.SuperNetwork` and a configuration
 ``{group: rank}``:
 
 - ``merged``: a plain ``transformers`` model whose target layers hold ``W + Delta W`` at the
@@ -9,6 +9,14 @@ Two formats, both written from a :class:`~supernet.network.SuperNetwork` and a c
 - ``peft``: the sub-adapter as a standard PEFT LoRA adapter (``adapter_config.json`` with
   per-module ``rank_pattern`` / ``alpha_pattern`` and ``adapter_model.safetensors`` with the
   sliced factors and the trained head) that stock ``PeftModel.from_pretrained`` loads.
+- ``compressed``: a run trained with ``--adapter-merge sparse`` or ``qa-sparse`` merged and
+  stored compressed in the compressed-tensors format (:mod:`supernet.compress.ct`): integer
+  layers ``pack-quantized`` (the very integers training evaluated), floating-point pruned
+  layers ``sparse-bitmask``.
+
+A merged export keeps what the run trained for: a SparsePEFT run's zeros (exactly the base's),
+a QA-SparsePEFT run's grid (every weight ``s (q - z)``). A plain run over a compressed base
+merges densely, as any LoRA would: its manifest says so (``sparsity`` per layer).
 
 Every export verifies itself before it succeeds: the written directory is reloaded with
 stock ``transformers`` / ``peft`` and its outputs on a few input batches are compared with the
@@ -41,7 +49,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from supernet.adapters import ElasticAdapter, ElasticLoRA
-from supernet.bases import linear_weight, set_linear_weight
+from supernet.bases import FrozenBase, QuantizedBase, linear_weight, set_linear_weight
 from supernet.errors import SupernetError
 from supernet.network import SuperNetwork
 from supernet.run import write_json
@@ -51,7 +59,7 @@ MANIFEST = "manifest.json"
 SUBNET = "subnet.json"
 MARKER = "supernet_export"  # key of manifest.json that marks a directory as one of our exports
 FORMAT_VERSION = 1
-FORMATS = ("merged", "peft")
+FORMATS = ("merged", "peft", "compressed")
 ADAPTER_NAME = "default"
 # Verification: max |exported - super-network| over all outputs (logits) must be
 # <= TOLERANCE[dtype] * max(1, max |reference|): in fp32 an absolute 1e-4 for logits up to 1 in size, relative beyond.
@@ -619,7 +627,8 @@ def _versions() -> dict[str, str]:
 
 
 def _manifest(fmt: str, net: SuperNetwork, config: Config, shipped: int, verification: dict, macs: int | None,
-              metadata: Mapping[str, Any] | None) -> dict:
+              metadata: Mapping[str, Any] | None, layers: Mapping[str, dict] | None = None,
+              directory: Path | None = None) -> dict:
     base = getattr(getattr(net.model, "config", None), "_name_or_path", None) or None
     data = {
         MARKER: FORMAT_VERSION,
@@ -638,7 +647,36 @@ def _manifest(fmt: str, net: SuperNetwork, config: Config, shipped: int, verific
     }
     if macs is not None:
         data["macs"] = int(macs)
+    if layers is not None:
+        data["layers"] = dict(layers)
+        data["adapted_layers"] = {
+            "params": sum(v["params"] for v in layers.values()), "bytes": sum(v["bytes"] for v in layers.values()),
+            "sparsity": 1 - sum(v["nonzeros"] for v in layers.values()) / sum(v["numel"] for v in layers.values()),
+        }
+    if directory is not None:
+        data["size_on_disk"] = {p.name: p.stat().st_size for p in sorted(directory.glob("*.safetensors"))}
     return data
+
+
+def shipped_layers(net: SuperNetwork, model: nn.Module, fmt: str) -> dict[str, dict]:
+    """Per adapted layer of an exported model: its weight's sparsity, bits, group size, parameters
+    and bytes as stored in ``fmt`` (``merged``: dense floats; ``compressed``: see compress.ct)."""
+    out = {}
+    for name, adapter in net.adapters.items():
+        base: FrozenBase = adapter.base
+        w = linear_weight(model.get_submodule(name)).detach()
+        nonzeros, numel = int((w != 0).sum()), w.numel()
+        row = {"shape": list(w.shape), "numel": numel, "nonzeros": nonzeros, "sparsity": 1 - nonzeros / numel,
+               "bits": None, "group_size": None, "params": numel, "bytes": numel * w.element_size()}
+        if fmt == "compressed":
+            row.update({"bits": getattr(base, "bits", None), "group_size": getattr(base, "group_size", None),
+                        "params": nonzeros if base.mask() is not None else numel,
+                        "bytes": base.weight_bytes() if isinstance(base, QuantizedBase) or base.mask() is not None
+                        else row["bytes"]})
+        elif isinstance(base, QuantizedBase) and adapter.merge == "qa-sparse":
+            row["grid_bits"] = base.bits  # floats that are exactly s (q - z)
+        out[name] = row
+    return out
 
 
 def _write_meta(directory: Path, manifest: dict) -> None:
@@ -707,11 +745,12 @@ def export_merged(
     model_class = _auto_class(model)
     device, dtype = _device(model), _dtype(model)
     keys, shipped = set(model.state_dict()), _num_params(model)
+    layers = shipped_layers(net, model, "merged")
     with staging_dir(target) as staging:
         _save(model, tokenizer, staging)
         del model
         verification = verify_merged(staging, model_class, keys, device, dtype, inputs, reference)
-        manifest = _manifest("merged", net, config, shipped, verification, macs, metadata)
+        manifest = _manifest("merged", net, config, shipped, verification, macs, metadata, layers, staging)
         _write_meta(staging, manifest)
     return manifest
 
@@ -738,6 +777,7 @@ def export_peft(
     the super-network's within :data:`TOLERANCE`. Returns the manifest.
     """
     _require_peft()
+    check_format(net, "peft")
     config, target, inputs = _checked(net, config, out_dir, batches, macs, metadata, overwrite)
     factors = peft_factors(net, config)
     model = peft_model(net, config, factors)
@@ -754,11 +794,128 @@ def export_peft(
     return manifest
 
 
+def check_format(net: SuperNetwork, fmt: str) -> None:
+    """Refuse, in one line, a format this super-network cannot produce faithfully."""
+    adapters = list(net.adapters.values())
+    compressed_base = any(type(a.base) is not FrozenBase for a in adapters)
+    folded = net.config.merge != "plain"
+    if fmt == "peft" and (folded or compressed_base):
+        why = (f"its {net.config.merge} updates are masked by the base, which LoRA factors cannot express"
+               if folded else "a PEFT adapter loads onto the original dense model, not this run's compressed base")
+        hint = "--format merged or compressed" if folded else "--format merged"
+        raise SupernetError(f"this run cannot be exported as --format peft: {why}; use {hint}")
+    if fmt == "compressed":
+        if not compressed_base:
+            raise SupernetError("--format compressed needs a run trained on a pruned or quantised base "
+                                "(--sparsity / --bits); this run's base is dense")
+        if not folded:
+            raise SupernetError("--format compressed needs --adapter-merge sparse or qa-sparse: a plain adapter "
+                                "merged into a compressed base makes it dense again (use --format merged)")
+        conv = [n for n, a in net.adapters.items() if not isinstance(a.base.layer, nn.Linear)]
+        if conv:
+            raise SupernetError(f"--format compressed stores nn.Linear layers only; {conv[0]} is a "
+                                f"{type(net.adapters[conv[0]].base.layer).__name__}")
+
+
+def _compressed_payload(net: SuperNetwork, model: nn.Module, config: Config):
+    """What the compressed format stores for each adapted layer: integers (QA-SparsePEFT) or a mask."""
+    from supernet.compress.ct import IntegerLayer
+
+    integers, masks = {}, {}
+    with at_config(net, config):
+        for name, adapter in net.adapters.items():
+            base = adapter.base
+            if isinstance(base, QuantizedBase) and adapter.merge == "qa-sparse":
+                q = base.integers(adapter.delta_weight().detach())
+                integers[name] = IntegerLayer(q.cpu(), base.scale.cpu(), base.zero.cpu(), base.bits, base.group_size)
+            elif base.mask() is not None:
+                masks[name] = base.mask().cpu()
+            else:  # a quantised, unpruned base under SparsePEFT: the update left the grid
+                raise SupernetError(f"{name}: a sparse update on an unpruned integer base has nothing left to "
+                                    "compress; use --format merged")
+    return integers, masks
+
+
+def verify_compressed(directory: Path, model: nn.Module, names: Sequence[str], batches: Sequence[Batch],
+                      reference: Sequence[torch.Tensor], dtype: torch.dtype) -> dict[str, float]:
+    """Reload with :func:`supernet.compress.load_compressed`; every adapted weight must equal the merged
+    model's exactly (so the integers and zeros are the trained ones), the outputs the super-network's."""
+    from supernet.compress.ct import load_compressed
+
+    loaded = load_compressed(directory)
+    for name in names:
+        got = linear_weight(loaded.get_submodule(name))
+        want = linear_weight(model.get_submodule(name))
+        if got.shape != want.shape or not torch.equal(got.to(want.dtype), want):
+            raise SupernetError(f"the compressed export does not reproduce the weights of {name}")
+    out = compare_outputs(loaded.to(_device(model)), batches, reference, dtype, "compressed")
+    return {**out, "weights_exact": True}
+
+
+def export_compressed(
+    net: SuperNetwork,
+    config: Mapping[str, object],
+    out_dir: str | os.PathLike,
+    *,
+    batches: Sequence[Batch] | None = None,
+    tokenizer: Any = None,
+    macs: int | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Save the sub-network at ``config`` merged and compressed (compressed-tensors format).
+
+    QA-SparsePEFT layers are stored as the integers training evaluated (``pack-quantized``);
+    SparsePEFT layers on a floating-point pruned base as ``sparse-bitmask``. Verified before it is
+    renamed into ``out_dir``: reloaded (:func:`supernet.compress.load_compressed`), every adapted
+    weight equals the merged model's bit for bit and the outputs match the super-network's.
+    The manifest records per layer its sparsity, bits, group size, parameters and bytes, and the
+    files' size on disk.
+    """
+    from supernet.compress.ct import write_bitmask, write_integers
+
+    check_format(net, "compressed")
+    config, target, inputs = _checked(net, config, out_dir, batches, macs, metadata, overwrite)
+    model = merged_model(net, config)
+    reference = reference_outputs(net, config, inputs)
+    integers, masks = _compressed_payload(net, model, config)
+    if integers and masks:
+        raise SupernetError("cannot store integer and floating-point pruned layers in one compressed checkpoint")
+    dtype = _dtype(model)
+    layers = shipped_layers(net, model, "compressed")
+    shipped = _num_params(model)
+    check = copy.deepcopy(model)
+    with staging_dir(target) as staging:
+        if integers:
+            write_integers(model, integers, staging)
+        else:
+            write_bitmask(model, masks, staging, net_structure(net))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        del model
+        verification = verify_compressed(staging, check, list(net.adapters), inputs, reference, dtype)
+        manifest = _manifest("compressed", net, config, shipped, verification, macs, metadata, layers, staging)
+        manifest["compressed_format"] = "pack-quantized" if integers else "sparse-bitmask"
+        manifest["loader"] = ("transformers: from_pretrained(dir, quantization_config=CompressedTensorsConfig("
+                              "dequantize=True)), or supernet.compress.load_compressed(dir)" if integers
+                              else "supernet.compress.load_compressed(dir)")
+        _write_meta(staging, manifest)
+    return manifest
+
+
+def net_structure(net: SuperNetwork) -> str:
+    """The sparsity structure the bases were pruned with (``unstructured``, ``2:4``, ...)."""
+    patterns = {a.base.pattern for a in net.adapters.values() if a.base.pattern is not None}
+    return patterns.pop() if len(patterns) == 1 else "unstructured"
+
+
 def export(net: SuperNetwork, config: Mapping[str, object], out_dir: str | os.PathLike, fmt: str = "merged",
            **kwargs: Any) -> dict:
-    """``export_merged`` or ``export_peft`` by name (``fmt`` in :data:`FORMATS`)."""
+    """``export_merged``, ``export_peft`` or ``export_compressed`` by name (``fmt`` in :data:`FORMATS`)."""
     if fmt == "merged":
         return export_merged(net, config, out_dir, **kwargs)
     if fmt == "peft":
         return export_peft(net, config, out_dir, **kwargs)
+    if fmt == "compressed":
+        return export_compressed(net, config, out_dir, **kwargs)
     raise SupernetError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -16,7 +16,7 @@ import pandas as pd
 
 from supernet import validate
 from supernet.errors import SupernetError
-from supernet.export import FORMATS, export, read_manifest
+from supernet.export import FORMATS, check_format, export, read_manifest
 from supernet.loader import Setup, load_run
 from supernet.space import SearchSpace, load_config_file
 from supernet.tasks import collate, rows_of
@@ -117,13 +117,14 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
     _check_out(target, pareto, overwrite)
 
     setup, _ = load_run(run_dir)
+    check_format(setup.net, fmt)  # a format this run cannot produce: refused before anything is written
     batches = verification_batches(setup)
     written = []
     for name, config, row in jobs:
         config = setup.net.space.named_config(name) if config is None else setup.net.space.validate(config)
         dest = target / name if pareto else target
         manifest = export(setup.net, config, dest, fmt, batches=batches, tokenizer=setup.tokenizer,
-                          macs=setup.net.macs(config, setup.cfg.max_length, merged=fmt == "merged"),
+                          macs=setup.net.macs(config, setup.cfg.max_length, merged=fmt != "peft"),
                           metadata=_metadata(row, source), overwrite=overwrite)
         written.append({"name": name, "path": str(dest), "config": json.dumps(config, sort_keys=True),
                         "shipped_params": manifest["shipped_params"], "macs": manifest.get("macs"),
