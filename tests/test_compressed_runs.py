@@ -1,0 +1,288 @@
+"""Compressed bases end to end: runs that record and rebuild them, merges and compressed-tensors
+exports that keep exactly their zeros and integers, costs, and every bad input refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_bert_config, tiny_llama_config
+from safetensors import safe_open
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertForSequenceClassification,
+    CompressedTensorsConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+)
+
+from supernet import run as runio
+from supernet.bases import QuantizedBase, linear_weight
+from supernet.cli import main
+from supernet.compress.ct import load_compressed
+from supernet.compress.quant import dequantize
+from supernet.compression import MASKS, Compression, compute_masks, make_bases
+from supernet.errors import SupernetError
+from supernet.export import check_format, export_compressed, export_merged, export_peft
+from supernet.loader import load_run
+from supernet.network import SuperNetConfig, SuperNetwork, default_targets, target_layers
+from supernet.tasks import evaluate
+
+
+def compressed_net(arch: str, merge: str, bits: int | None = None, sparsity: float = 0.5,
+                   pattern: str = "unstructured") -> SuperNetwork:
+    """A tiny super-network on a magnitude-pruned and/or quantised base, ``lora_B`` randomised."""
+    torch.manual_seed(0)
+    if arch == "bert":
+        model = BertForSequenceClassification(tiny_bert_config(num_labels=3))
+        cfg = SuperNetConfig(target_modules=default_targets(model), ranks=[8, 4, 2], alpha=12.0, merge=merge,
+                             trainable_modules=["classifier"])
+    elif arch == "llama":
+        model = LlamaForCausalLM(tiny_llama_config())
+        cfg = SuperNetConfig(target_modules=default_targets(model), ranks=[8, 4, 2], alpha=12.0, merge=merge)
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32))
+        cfg = SuperNetConfig(target_modules=default_targets(model), ranks=[8, 4, 2], alpha=12.0, merge=merge)
+    comp = Compression(sparsity=sparsity, prune="magnitude", pattern=pattern, bits=bits, group_size=16)
+    targets = target_layers(model, cfg)
+    masks = compute_masks(model, targets, comp, None) if comp.prunes else None
+    net = SuperNetwork(model.eval(), cfg, make_bases(targets, masks, comp))
+    with torch.no_grad():
+        for ad in net.adapters.values():
+            ad.lora_B.normal_(std=0.05)
+    return net
+
+
+def inputs(net, seed=1):
+    ids = torch.randint(0, net.model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def logits_at(net, cfg, batch):
+    net.activate(cfg)
+    with torch.no_grad():
+        return net.model(**batch).logits
+
+
+MID = "mid"
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
+def test_sparsepeft_merged_export_keeps_exactly_the_base_zeros(arch, tmp_path):
+    net = compressed_net(arch, "sparse")
+    cfg = net.mid_config()
+    export_merged(net, cfg, tmp_path / "m", batches=[inputs(net)])
+    auto = AutoModelForSequenceClassification if arch == "bert" else AutoModelForCausalLM
+    loaded = auto.from_pretrained(tmp_path / "m")
+    for name, ad in net.adapters.items():
+        w = linear_weight(loaded.get_submodule(name))  # Conv1D: transposed back to (out, in)
+        assert torch.equal(w != 0, ad.base.mask())  # count and positions
+    net.activate(cfg)
+    assert (logits_at(net, cfg, inputs(net)) - logits_at(net, net.min_config(), inputs(net))).abs().max() > 1e-4
+    layers = json.loads((tmp_path / "m" / "manifest.json").read_text())["layers"]
+    assert all(v["sparsity"] == 0.5 for v in layers.values())  # width 32 or 64: exactly half of each row
+
+
+def test_plain_merge_on_a_pruned_base_densifies(tmp_path):
+    """What PEFT does today, and what the table's 'naive' row measures."""
+    net = compressed_net("bert", "plain")
+    manifest = export_merged(net, net.max_config(), tmp_path / "m", batches=[inputs(net)])
+    assert manifest["adapted_layers"]["sparsity"] < 0.01
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qa_sparsepeft_compressed_export_stores_the_trained_integers(arch, bits, tmp_path):
+    net = compressed_net(arch, "qa-sparse", bits=bits)
+    cfg = net.mid_config()
+    manifest = export_compressed(net, cfg, tmp_path / "c", batches=[inputs(net)])
+    # transformers itself loads it (dequantising), with no supernet code in the loop
+    auto = AutoModelForSequenceClassification if arch == "bert" else AutoModelForCausalLM
+    loaded = auto.from_pretrained(tmp_path / "c", quantization_config=CompressedTensorsConfig(dequantize=True))
+    net.activate(cfg)
+    moved = 0
+    for name, ad in net.adapters.items():
+        base: QuantizedBase = ad.base
+        q = base.integers(ad.delta_weight().detach())
+        assert torch.equal(linear_weight(loaded.get_submodule(name)), dequantize(q, base.scale, base.zero, 16))
+        assert (q[~base.mask()] == base.zero.repeat_interleave(16, 1)[~base.mask()]).all()  # pruned = z = 0.0
+        moved += int((q != base.qweight).sum())
+    assert moved > 0  # the adapter changed integers: the test would notice an export of the base alone
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs(net)).logits, logits_at(net, cfg, inputs(net)))
+    # bytes: the manifest's accounting is what the file holds for those layers
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as f:
+        stored = sum(f.get_tensor(f"{n}.{k}").nbytes for n in net.adapters
+                     for k in ("weight_packed", "weight_scale", "weight_zero_point"))
+        assert not any(k == f"{n}.weight" for k in f.keys() for n in net.adapters)
+    assert manifest["adapted_layers"]["bytes"] == stored
+    fp32 = sum(ad.in_features * ad.out_features * 4 for ad in net.adapters.values())
+    assert stored / fp32 < (0.30 if bits == 4 else 0.55)
+    assert manifest["compressed_format"] == "pack-quantized" and manifest["verification"]["weights_exact"]
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparse_bitmask_export_round_trips(pattern, tmp_path):
+    net = compressed_net("llama", "sparse", pattern=pattern)
+    cfg = net.max_config()
+    manifest = export_compressed(net, cfg, tmp_path / "c", batches=[inputs(net)])
+    loaded = load_compressed(tmp_path / "c")
+    net.activate(cfg)
+    for name, ad in net.adapters.items():
+        w = linear_weight(loaded.get_submodule(name))
+        assert torch.equal(w, ad.merged_weight().detach())
+        if pattern == "2:4":
+            assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+    with safe_open(str(tmp_path / "c" / "model.safetensors"), "pt") as f:
+        stored = sum(f.get_tensor(f"{n}.{k}").nbytes for n in net.adapters
+                     for k in ("compressed", "bitmask", "row_offsets"))
+    assert manifest["adapted_layers"]["bytes"] == stored
+    qc = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+    assert qc["sparsity_config"]["sparsity_structure"] == pattern
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs(net)).logits, logits_at(net, cfg, inputs(net)))
+
+
+def test_formats_a_run_cannot_produce_are_refused(tmp_path):
+    cases = [(compressed_net("bert", "sparse"), "peft", "masked by the base"),
+             (compressed_net("bert", "plain"), "peft", "original dense model"),
+             (compressed_net("bert", "plain"), "compressed", "makes it dense again"),
+             (compressed_net("bert", "plain", sparsity=0.0, bits=None), "compressed", "base is dense"),
+             (compressed_net("gpt2", "sparse"), "compressed", "nn.Linear layers only")]
+    for net, fmt, message in cases:
+        with pytest.raises(SupernetError, match=message):
+            check_format(net, fmt)
+    with pytest.raises(SupernetError, match="masked by the base"):
+        export_peft(cases[0][0], cases[0][0].max_config(), tmp_path / "p")
+    with pytest.raises(SupernetError, match="makes it dense again"):
+        export_compressed(cases[2][0], cases[2][0].max_config(), tmp_path / "c")
+    assert not any(tmp_path.iterdir())
+
+
+def test_costs_count_the_compressed_base():
+    dense = compressed_net("bert", "plain", sparsity=0.0)
+    sparse = compressed_net("bert", "sparse")
+    cfg = dense.max_config()
+    rows = 16  # every block projection sees all 16 tokens
+    zeros = sum(int((~ad.base.mask()).sum()) for ad in sparse.adapters.values())
+    adapters = sum(ad.adapter_macs_per_token(8) for ad in dense.adapters.values())
+    # the sparse base costs its non-zeros; a SparsePEFT update is folded in, so no adapter MACs either
+    assert dense.macs(cfg, rows) - sparse.macs(cfg, rows) == rows * (zeros + adapters)
+    int4 = compressed_net("bert", "qa-sparse", bits=4)
+    assert int4.size(cfg) < sparse.size(cfg) < dense.size(cfg)
+    assert int4.size(cfg) - sum(ad.base.nbytes() for ad in int4.adapters.values()) == \
+        dense.size(cfg, merged=True) - sum(ad.nbytes(8, merged=True) for ad in dense.adapters.values())
+
+
+# ------------------------------------------------------------------------------------ the CLI
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_refused(code, err, message):
+    assert code == 2, err
+    assert err.startswith("supernet: error:") and err.count("\n") == 1 and message in err, err
+
+
+BAD = [
+    (["--sparsity", "1.0"], "[0, 1)"),
+    (["--sparsity", "-0.1"], "[0, 1)"),
+    (["--sparsity", "nan"], "finite"),
+    (["--pattern", "4:4"], "N must be below M"),
+    (["--pattern", "two:four"], "unstructured or N:M"),
+    (["--pattern", "3:5"], "not divisible by 5"),
+    (["--pattern", "2:4", "--sparsity", "0.3"], "removes 0.5"),
+    (["--bits", "3"], "4 or 8"),
+    (["--bits", "4", "--group-size", "24"], "does not divide the width 32"),
+    (["--bits", "4", "--group-size", "0"], "positive"),
+    (["--adapter-merge", "qa-sparse", "--sparsity", "0.5"], "needs --bits"),
+    (["--adapter-merge", "sparse"], "needs --sparsity"),
+    (["--adapter-merge", "sparse", "--sparsity", "0.5", "--dropout", "0.1"], "--dropout needs"),
+    (["--sparsity", "0.5", "--calibration-samples", "0"], "positive"),
+    (["--sparsity", "0.5", "--calibration-samples", "100000"], "exceeds the 280 examples"),
+    (["--prune", "random"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), BAD)
+def test_bad_compression_options(capsys, tiny_train_args, tmp_path, extra, message):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = cli(capsys, "train", *tiny_train_args, "--name", "bad", *extra)
+    assert_refused(code, err, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written anywhere
+
+
+@pytest.fixture(scope="module")
+def qa_run(tmp_path_factory, tiny_bert_dir, tiny_csv):
+    """A short QA-SparsePEFT run: Wanda 2:4 base quantised to INT4 (group 16)."""
+    out = tmp_path_factory.mktemp("runs")
+    code = main(["train", "--model", str(tiny_bert_dir), "--dataset", str(tiny_csv), "--text-column", "sentence",
+                 "--label-column", "sentiment", "--ranks", "8,4", "--max-steps", "10", "--batch-size", "8",
+                 "--eval-every", "10", "--save-every", "10", "--eval-samples", "16", "--max-length", "16",
+                 "--lr", "1e-2", "--out", str(out), "--name", "qa", "--pattern", "2:4", "--bits", "4",
+                 "--group-size", "16", "--adapter-merge", "qa-sparse", "--calibration-samples", "32"])
+    assert code == 0
+    return out / "qa"
+
+
+def test_a_compressed_run_records_and_rebuilds_its_base(qa_run):
+    record = json.loads((qa_run / "config.json").read_text())
+    assert record["train"]["bits"] == 4 and record["train"]["pattern"] == "2:4"
+    assert record["bases"]["kind"] == "quantized" and record["bases"]["merge"] == "qa-sparse"
+    assert record["bases"]["sparsity"] >= 0.5
+    assert (qa_run / MASKS).is_file()
+    setup, _ = load_run(qa_run)
+    for ad in setup.net.adapters.values():
+        keep = ad.base.mask()
+        assert (keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2).all()  # 2:4 exactly
+    assert setup.masks is not None and all(torch.equal(setup.masks[n], a.base.mask())
+                                           for n, a in setup.net.adapters.items())
+
+
+def test_qa_export_accuracy_equals_the_trained_evaluation_exactly(capsys, qa_run, tmp_path):
+    code, out, err = cli(capsys, "eval", "--run", qa_run, "--subnet", "mid", "--split", "validation")
+    assert code == 0, err
+    trained = json.loads(out.strip().splitlines()[-1])
+    code, _, err = cli(capsys, "export", "--run", qa_run, "--subnet", "mid", "--format", "compressed",
+                       "--out", tmp_path / "c")
+    assert code == 0, err
+    setup, _ = load_run(qa_run, weights=False)
+    loaded = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "c", quantization_config=CompressedTensorsConfig(dequantize=True))
+    res = evaluate(loaded, setup.enc, "validation")
+    assert res["accuracy"] == trained["accuracy"] and res["loss"] == pytest.approx(trained["loss"], abs=1e-6)
+    assert res["examples"] == trained["examples"]
+
+
+def test_format_refusals_and_damaged_masks_from_the_cli(capsys, qa_run, tmp_path):
+    code, _, err = cli(capsys, "export", "--run", qa_run, "--subnet", "max", "--format", "peft",
+                       "--out", tmp_path / "p")
+    assert_refused(code, err, "cannot be exported as --format peft")
+    assert not (tmp_path / "p").exists()
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(qa_run, broken)
+    (broken / MASKS).write_bytes((qa_run / MASKS).read_bytes()[:40])
+    assert_refused(*cli(capsys, "eval", "--run", broken)[::2], "cannot read")
+    (broken / MASKS).unlink()
+    assert_refused(*cli(capsys, "eval", "--run", broken)[::2], "is missing")
+
+
+def test_search_sees_the_compressed_size(capsys, qa_run):
+    code, _, err = cli(capsys, "search", "--run", qa_run, "--objectives", "acc,size", "--population", "4",
+                       "--evaluations", "4", "--eval-samples", "16", "--name", "sz")
+    assert code == 0, err
+    import pandas as pd
+
+    hist = pd.read_csv(qa_run / "search" / "sz" / "history.csv")
+    setup, _ = load_run(qa_run)
+    cfg = json.loads(hist["config"].iloc[0])
+    assert hist["size"].iloc[0] == setup.net.size(cfg)
+    assert hist["size"].nunique() == 1  # QA-SparsePEFT ships integers only, whatever the ranks
+    assert runio.MARKER
