@@ -27,11 +27,17 @@ def machine() -> dict:
             "processor": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
 
 
-def peft_lora(model, rank: int, alpha: float):
+def peft_lora(model, rank: int, alpha: float, rank_pattern: dict | None = None):
+    """PEFT LoRA on the block projections; ``rank_pattern`` (``{module name: rank}``) gives each
+    module its own rank, keyed the way supernet's PEFT export keys it."""
     from peft import LoraConfig, get_peft_model
 
+    from supernet.export import pattern_keys
+
+    pattern = pattern_keys(rank_pattern) if rank_pattern else {}
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=BLOCK_REGEX,
-                                            modules_to_save=["classifier"], lora_dropout=0.0))
+                                            modules_to_save=["classifier"], lora_dropout=0.0,
+                                            rank_pattern=pattern))
 
 
 def train_fixed(model, enc, cfg, seed: int) -> float:

@@ -38,30 +38,32 @@ def quant_params(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Ten
     return scale, zero
 
 
-def _expand(t: torch.Tensor, group_size: int) -> torch.Tensor:
-    return t.repeat_interleave(group_size, dim=1)
-
-
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Integers ``q`` (uint8, ``(out, in)``) of ``w`` on the frozen grid ``(scale, zero)``."""
-    s, z = _expand(scale, group_size), _expand(zero, group_size)
-    return torch.clamp(torch.round(w.detach().float() / s) + z, 0, 2**bits - 1).to(torch.uint8)
+    g = _groups(w.detach().float(), group_size)
+    q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 2**bits - 1)
+    return q.to(torch.uint8).reshape(w.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """``s (q - z)`` as fp32, ``(out, in)``."""
-    return _expand(scale, group_size) * (q.float() - _expand(zero, group_size))
+    g = _groups(q.float(), group_size)
+    return (scale.unsqueeze(-1) * (g - zero.unsqueeze(-1))).reshape(q.shape)
 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """``dequantize(quantize(w))`` in the forward pass, bit for bit, with a straight-through
     estimator in the backward pass: the gradient passes unchanged where ``round(w/s) + z`` lies
-    inside ``[0, 2^n - 1]`` and is zero where the clamp cuts it (QA-SparsePEFT, SQFT eq. 3-4)."""
-    s, z = _expand(scale, group_size), _expand(zero, group_size)
-    x = torch.round(w.detach().float() / s) + z
-    hard = s * (torch.clamp(x, 0, 2**bits - 1) - z)
-    inside = ((x >= 0) & (x <= 2**bits - 1)).to(w.dtype)
-    return hard.to(w.dtype) + (w - w.detach()) * inside  # the second term is exactly 0 forward
+    inside ``[0, 2^n - 1]`` and is zero where the clamp cuts it (QA-SparsePEFT, SQFT eq. 3-4).
+
+    Works on ``(out, in / g, g)`` views, so the per-group scales broadcast without being expanded.
+    """
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    with torch.no_grad():
+        x = torch.round(_groups(w.detach().float(), group_size) / s) + z
+        hard = (s * (torch.clamp(x, 0, 2**bits - 1) - z)).reshape(w.shape).to(w.dtype)
+        inside = ((x >= 0) & (x <= 2**bits - 1)).reshape(w.shape)
+    return hard + (w - w.detach()) * inside  # the second term is exactly 0 forward
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

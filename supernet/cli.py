@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="find the Pareto-optimal sub-networks of a trained run")
     s.add_argument("--run", required=True, help="run directory")
-    s.add_argument("--objectives", help="two or more of acc, loss, macs, params, latency [acc,macs]")
+    s.add_argument("--objectives", help="two or more of acc, loss, macs, params, latency, size [acc,macs]")
     s.add_argument("--algorithm", help="nsga2 (default), nsga3, smsemoa, spea2, random, grid, local, midpoint, "
                                        "allocator")
     s.add_argument("--population", type=int, help="configurations per generation [16]")
