@@ -285,4 +285,31 @@ def test_search_sees_the_compressed_size(capsys, qa_run):
     cfg = json.loads(hist["config"].iloc[0])
     assert hist["size"].iloc[0] == setup.net.size(cfg)
     assert hist["size"].nunique() == 1  # QA-SparsePEFT ships integers only, whatever the ranks
-    assert runio.MARKER
+
+
+def test_a_compressed_run_resumes_exactly(tiny_bert_dir, tiny_csv, tmp_path):
+    """The resumed run rebuilds its base from the saved masks and ends with the uninterrupted weights."""
+    from supernet.train import TrainConfig, resume, train
+
+    def cfg(name):
+        return TrainConfig(model=str(tiny_bert_dir), dataset=str(tiny_csv), text_column="sentence",
+                           label_column="sentiment", ranks=[8, 4], batch_size=8, max_length=16, eval_samples=16,
+                           eval_every=4, save_every=4, max_steps=8, lr=1e-2, out=str(tmp_path), name=name,
+                           sparsity=0.5, bits=8, group_size=16, adapter_merge="qa-sparse", calibration_samples=32)
+
+    train(cfg("full"))
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(step, trainer):
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg("broken"), on_step=crash)
+    resume(tmp_path / "broken")
+    a = runio.load_tensors(tmp_path / "full" / runio.ADAPTER)
+    b = runio.load_tensors(tmp_path / "broken" / runio.ADAPTER)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "full" / MASKS).read_bytes() == (tmp_path / "broken" / MASKS).read_bytes()
