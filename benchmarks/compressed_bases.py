@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from _common import RESULTS, machine, write_json
 from safetensors import safe_open
-from train_step_speed import ALPHA, RANKS, batch
+from train_step_speed import ALPHA, RANKS, batch, step
 
 from supernet.compression import Compression, compute_masks, make_bases
 from supernet.export import export_compressed, merged_model
@@ -56,14 +56,6 @@ def build(merge: str, comp: Compression) -> tuple[SuperNetwork, object]:
     bases = make_bases(targets, compute_masks(model, targets, comp, None) if comp.prunes else None, comp) \
         if comp.active else None
     return SuperNetwork(model, cfg, bases), tok
-
-
-def step(model, opt, b) -> float:
-    t = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    model(**b).loss.backward()
-    opt.step()
-    return time.perf_counter() - t
 
 
 @torch.no_grad()

@@ -23,6 +23,21 @@ POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "brilliant", "mo
 NEGATIVE = ["bad", "awful", "dull", "boring", "poor", "weak", "tedious", "messy"]
 
 
+def cli(capsys, *argv):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    from supernet.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_refused(code, err, message):
+    """Exactly one line ``supernet: error: ...`` containing ``message``, exit code 2."""
+    assert code == 2, err
+    assert err.startswith("supernet: error:") and err.count("\n") == 1 and message in err, err
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

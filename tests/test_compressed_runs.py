@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bert_config, tiny_llama_config
+from conftest import assert_refused, cli, tiny_bert_config, tiny_llama_config
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
@@ -178,15 +178,6 @@ def test_costs_count_the_compressed_base():
 
 
 # ------------------------------------------------------------------------------------ the CLI
-def cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_refused(code, err, message):
-    assert code == 2, err
-    assert err.startswith("supernet: error:") and err.count("\n") == 1 and message in err, err
 
 
 BAD = [

@@ -13,22 +13,11 @@ import shutil
 import pandas as pd
 import pytest
 import torch
+from conftest import assert_refused, cli
 
 from supernet import run as runio
-from supernet.cli import main
 from supernet.errors import SupernetError
 from supernet.train import TrainConfig, resume, train
-
-
-def cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_refused(code, err, message):
-    assert code == 2, err
-    assert err.startswith("supernet: error:") and err.count("\n") == 1 and message in err, err
 
 
 def tiny_cfg(tiny_bert_dir, tiny_csv, out, **kw):

@@ -9,15 +9,10 @@ import sys
 
 import pandas as pd
 import pytest
+from conftest import cli
 
 from supernet.cli import main
 from supernet.search import non_dominated
-
-
-def cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
