@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from supernet.adapters import ElasticAdapter, ElasticLoRA, lora_scale
+from supernet.bases import FrozenBase, MaskedBase, QuantizedBase
 from supernet.errors import SupernetError
 from supernet.network import SuperNetConfig, SuperNetwork
 from supernet.space import SearchSpace
@@ -10,6 +11,9 @@ from supernet.space import SearchSpace
 __all__ = [
     "ElasticAdapter",
     "ElasticLoRA",
+    "FrozenBase",
+    "MaskedBase",
+    "QuantizedBase",
     "SearchSpace",
     "SuperNetConfig",
     "SuperNetwork",

@@ -28,7 +28,7 @@ def eval_run(
     batch_size: int = 64,
     progress: bool = False,
 ) -> dict:
-    """Accuracy, loss, MACs and trainable parameters of one sub-network on a split.
+    """Accuracy, loss, MACs, trainable parameters and deployed bytes of one sub-network on a split.
 
     With ``predictions``, writes one CSV row per example: index, label, prediction and one
     logit (or answer score, for causal-LM) column per class.
@@ -55,6 +55,7 @@ def eval_run(
         "macs": setup.net.macs(config, setup.cfg.max_length),
         "seq_len": setup.cfg.max_length,
         "trainable_params": setup.net.trainable_params(config),
+        "size": setup.net.size(config),
         "examples": res["examples"],
         "config": config,
     }
