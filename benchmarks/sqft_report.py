@@ -20,8 +20,8 @@ from supernet.tasks import metrics, score
 
 CSV = RESULTS / "sqft_table.csv"
 LABELS = {
-    "lora": "LoRA (dense base)",
-    "lora-wanda50-naive": "LoRA on 50% Wanda base, merged naively",
+    "lora": "LoRA r=16 (dense base)",
+    "lora-wanda50-naive": "LoRA r=16 on 50% Wanda base, merged naively",
     "nls-sparsepeft50": "NLS + SparsePEFT, 50% Wanda",
     "nls-int4": "NLS on INT4 base (adapter beside it)",
     "nls-qa-sparsepeft-int4": "NLS + QA-SparsePEFT, 50% Wanda INT4, merged",

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -91,7 +92,12 @@ class Trainer:
         # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: gloo on CPU.
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         _warn_single_cpu_launch()
-        self.accelerator = Accelerator(mixed_precision=mp, cpu=distributed and not torch.cuda.is_available())
+        # The frozen bases' buffers (masks, integers, pre-quantisation weights) are equal on every
+        # process by construction and never change: broadcasting them before each forward, DDP's
+        # default, would send a model's worth of data per step.
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=distributed and not torch.cuda.is_available(),
+                                       kwargs_handlers=[ddp])
         self.net = setup.net
         self.params = [p for p in self.net.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)

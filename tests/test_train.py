@@ -133,19 +133,27 @@ def test_resume_matches_uninterrupted(tiny_bert_dir, tiny_csv, tmp_path):
     np.testing.assert_allclose(log_a["loss"], log_b["loss"], rtol=1e-6)
 
 
-def test_two_process_data_parallel(tiny_bert_dir, tiny_csv, tmp_path):
+COMPRESSED = {"sparsity": 0.5, "bits": 8, "group_size": 16, "adapter_merge": "qa-sparse", "calibration_samples": 16}
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["dense", "qa-sparse"])
+def test_two_process_data_parallel(tiny_bert_dir, tiny_csv, tmp_path, compressed):
     """Two CPU processes (gloo) through accelerate's launcher: same config at every step, same weights.
 
     accelerate's ``--cpu`` launcher spawns one process unless mpirun is set up, so the
     multi-process CPU launch goes through ``--multi_gpu`` (torch.distributed.run underneath).
+    With a compressed base each process calibrates and prunes on its own: the result must be
+    the one-process run's (same masks, same weights).
     """
+    extra = COMPRESSED if compressed else {}
+    flags = [str(x) for k, v in extra.items() for x in ("--" + k.replace("_", "-"), v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "supernet", "train", "--model", str(tiny_bert_dir), "--dataset", str(tiny_csv),
            "--text-column", "sentence", "--label-column", "sentiment", "--ranks", "8,6,4",
            "--max-steps", "8", "--batch-size", "4", "--max-length", "16", "--eval-every", "4",
-           "--save-every", "4", "--eval-samples", "8", "--out", str(tmp_path), "--name", "ddp"]
+           "--save-every", "4", "--eval-samples", "8", "--out", str(tmp_path), "--name", "ddp", *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "ddp"
@@ -167,8 +175,11 @@ def test_two_process_data_parallel(tiny_bert_dir, tiny_csv, tmp_path):
     # 0); the weights after 8 AdamW steps differ by <= 2e-8 (measured), against a tolerance of
     # 1e-5 and the ~5e-4 (= lr) per step that a wrong shard or a missing all-reduce moves them.
     single = tiny_cfg(tiny_bert_dir, tiny_csv, tmp_path, name="single", ranks=[8, 6, 4], max_steps=8, batch_size=8,
-                      lr=5e-4, eval_every=4, save_every=4, eval_samples=8)
+                      lr=5e-4, eval_every=4, save_every=4, eval_samples=8, **extra)
     train(single)
+    if compressed:
+        masks = "compression.safetensors"
+        assert (run / masks).read_bytes() == (single.run_dir() / masks).read_bytes()
     single_log = pd.read_csv(single.run_dir() / "train_log.csv")
     assert list(log["config"]) == list(single_log["config"])
     np.testing.assert_allclose(log["loss"], single_log["loss"], rtol=1e-4, atol=1e-5)
