@@ -53,7 +53,7 @@ def build(merge: str, comp: Compression) -> tuple[SuperNetwork, object]:
     cfg = SuperNetConfig(target_modules=default_targets(model), ranks=RANKS, alpha=ALPHA, merge=merge,
                          trainable_modules=["classifier"])
     targets = target_layers(model, cfg)
-    bases = make_bases(targets, compute_masks(model, targets, comp, None) if comp.prunes else None, comp) \
+    bases = make_bases(targets, compute_masks(model, targets, comp, None) if comp.prunes else None, comp, merge) \
         if comp.active else None
     return SuperNetwork(model, cfg, bases), tok
 

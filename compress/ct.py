@@ -68,6 +68,8 @@ def write_integers(model: nn.Module, layers: Mapping[str, IntegerLayer], directo
         apply_quantization_config,
     )
 
+    for name in layers:  # the packer re-quantises s (q - z) / s: exact in fp32, not in a half type
+        model.get_submodule(name).float()
     groups = {}
     for key in sorted({(lay.bits, lay.group_size) for lay in layers.values()}):
         names = [n for n, lay in layers.items() if (lay.bits, lay.group_size) == key]

@@ -27,7 +27,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     out, inp = scores.shape
     k = int(sparsity * inp)
-    mask = torch.ones(out, inp, dtype=torch.bool)
+    mask = torch.ones_like(scores, dtype=torch.bool)
     if k:
         order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
         mask.scatter_(1, order, False)

@@ -109,9 +109,12 @@ class ElasticAdapter(nn.Module):
 
     # ------------------------------------------------------------------ costs
     def macs_per_token(self, choice: int | None = None, merged: bool = False) -> int:
-        """The base's MACs (non-zeros where pruned) plus the adapter's unless it is merged
-        (an update that passes through the base is always folded into it)."""
-        extra = 0 if merged or self.through_base else self.adapter_macs_per_token(choice)
+        """The base's MACs (non-zeros where pruned) plus the adapter's unless it is merged (an
+        update that passes through the base is always folded into it). A plain merge refills a
+        pruned base, so the merged layer costs its dense ``in * out``."""
+        if merged and not self.through_base:
+            return self.in_features * self.out_features
+        extra = 0 if self.through_base else self.adapter_macs_per_token(choice)
         return self.base.macs_per_token() + extra
 
     def nbytes(self, choice: int | None = None, merged: bool = False) -> int:
@@ -185,6 +188,9 @@ class ElasticLoRA(ElasticAdapter):
                                 "into the weight)")
         if merge == "qa-sparse" and not hasattr(self.base, "bits"):
             raise SupernetError("--adapter-merge qa-sparse needs a quantised base (--bits 4 or 8)")
+        if merge == "sparse" and hasattr(self.base, "bits"):
+            raise SupernetError("--adapter-merge sparse on an integer base would leave its grid: use qa-sparse "
+                                "(trained through the quantiser) or plain")
         self.max_rank = max_rank
         self.alpha = float(alpha)
         self.scaling_mode = scaling

@@ -168,11 +168,14 @@ class QuantizedBase(FrozenBase):
         bits: 4 or 8.
         group_size: input columns per ``(scale, zero)``; must divide the width.
         mask: optional pruning mask applied before quantisation.
+        keep_source: keep ``W^p`` (fp32, the size of the weight) for QA-SparsePEFT; without it the
+            base serves plain adapters only and takes half the memory.
     """
 
     kind = "quantized"
 
-    def __init__(self, layer: nn.Module, bits: int, group_size: int, mask: torch.Tensor | None = None) -> None:
+    def __init__(self, layer: nn.Module, bits: int, group_size: int, mask: torch.Tensor | None = None,
+                 keep_source: bool = True) -> None:
         super().__init__(layer)
         w = linear_weight(layer).detach().float()
         if mask is not None:
@@ -181,7 +184,7 @@ class QuantizedBase(FrozenBase):
             w = w * mask.to(w.device)
         self.bits, self.group_size = int(bits), int(group_size)
         scale, zero = quant_params(w, self.bits, self.group_size)
-        self.register_buffer("source", w, persistent=False)
+        self.register_buffer("source", w if keep_source else None, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("zero", zero, persistent=False)
         self.register_buffer("qweight", quantize(w, scale, zero, self.bits, self.group_size), persistent=False)
@@ -199,6 +202,8 @@ class QuantizedBase(FrozenBase):
         ``fake_quant(W^p + delta ⊙ M)`` on the frozen grid, straight-through in the backward pass."""
         if not through:
             return super().merge(delta, through=False)
+        if self.source is None:
+            raise RuntimeError("this quantised base was built without its pre-quantisation weight (keep_source)")
         return fake_quantize(self.source + self.restrict(delta).float(), self.scale, self.zero, self.bits,
                              self.group_size)
 
@@ -206,6 +211,8 @@ class QuantizedBase(FrozenBase):
         """The deployed integers ``q`` (uint8 ``(out, in)``) of ``W^p + delta ⊙ M``; the base's own without delta."""
         if delta is None:
             return self.qweight
+        if self.source is None:
+            raise RuntimeError("this quantised base was built without its pre-quantisation weight (keep_source)")
         return quantize(self.source + self.restrict(delta).float(), self.scale, self.zero, self.bits, self.group_size)
 
     def nnz(self) -> int:
@@ -229,10 +236,10 @@ class QuantizedBase(FrozenBase):
 
 
 def frozen_base(layer: nn.Module, mask: torch.Tensor | None = None, bits: int | None = None,
-                group_size: int = 128) -> FrozenBase:
+                group_size: int = 128, keep_source: bool = True) -> FrozenBase:
     """The frozen base for a layer: quantised when ``bits`` is given, else masked when a mask is, else dense."""
     if bits is not None:
-        return QuantizedBase(layer, bits, group_size, mask)
+        return QuantizedBase(layer, bits, group_size, mask, keep_source)
     if mask is not None:
         return MaskedBase(layer, mask)
     return FrozenBase(layer)

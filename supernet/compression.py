@@ -11,6 +11,7 @@ a deterministic function of the pruned weight and is recomputed.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,8 @@ class Compression:
             nm = parse_pattern(self.pattern)
         except ValueError as e:
             raise SupernetError(str(e)) from None
-        if nm is not None and self.sparsity not in (0.0, 1 - nm[0] / nm[1]):
+        if nm is not None and self.sparsity != 0.0 and not math.isclose(self.sparsity, 1 - nm[0] / nm[1],
+                                                                          abs_tol=1e-3):
             raise SupernetError(f"--pattern {self.pattern} removes {1 - nm[0] / nm[1]:g} of the weights, "
                                 f"but --sparsity is {self.sparsity:g}")
         if self.bits is not None and self.bits not in BITS:
@@ -113,21 +115,39 @@ def calibration_batches(enc: Encoded, samples: int, seed: int, batch_size: int =
 
 
 def compute_masks(model: nn.Module, targets: Mapping[str, nn.Module], comp: Compression,
-                  batches: list[dict] | None, progress: bool = False) -> dict[str, torch.Tensor]:
-    """The keep-mask of every target layer (Wanda when calibration batches are given, else magnitude)."""
+                  batches: list[dict] | None, progress: bool = False,
+                  device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The keep-mask of every target layer (Wanda scores from calibration batches, or magnitude).
+
+    ``device``: run the calibration forward passes there (a GPU when there is one); the model
+    is moved back where it was afterwards.
+    """
     norms: Mapping[str, torch.Tensor] = {}
     if comp.calibrates:
-        device = next(model.parameters()).device
-        moved = [{k: v.to(device) for k, v in b.items()} for b in batches or []]
-        norms, _ = input_sq_norms(model, targets, moved, progress=progress)
-    return {name: prune_mask(linear_weight(layer), norms.get(name), comp.ratio, comp.pattern).cpu()
-            for name, layer in targets.items()}
+        if not batches:
+            raise SupernetError("Wanda pruning needs calibration batches")
+        home = next(model.parameters()).device
+        device = torch.device(device) if device is not None else home
+        model.to(device)
+        try:
+            moved = [{k: v.to(device) for k, v in b.items()} for b in batches]
+            norms, _ = input_sq_norms(model, targets, moved, progress=progress)
+        finally:
+            model.to(home)
+    masks = {}
+    for name, layer in targets.items():
+        w = linear_weight(layer)
+        n = norms.get(name)
+        masks[name] = prune_mask(w, None if n is None else n.to(w.device), comp.ratio, comp.pattern).cpu()
+    return masks
 
 
 def make_bases(targets: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor] | None,
-               comp: Compression) -> dict[str, FrozenBase]:
-    """The frozen base of every target layer (each layer's weight is pruned / quantised in place)."""
-    bases = {name: frozen_base(layer, None if masks is None else masks[name], comp.bits, comp.group_size)
+               comp: Compression, merge: str = "plain") -> dict[str, FrozenBase]:
+    """The frozen base of every target layer (each layer's weight is pruned / quantised in place).
+    A quantised base keeps its fp32 pre-quantisation weight only for ``qa-sparse``, which trains through it."""
+    bases = {name: frozen_base(layer, None if masks is None else masks[name], comp.bits, comp.group_size,
+                               keep_source=merge == "qa-sparse")
              for name, layer in targets.items()}
     for base in bases.values():
         base.pattern = comp.pattern if comp.prunes else None
@@ -155,7 +175,8 @@ def load_masks(path: Path, targets: Mapping[str, nn.Module]) -> dict[str, torch.
                 if name not in f.keys() or name not in shapes:
                     raise SupernetError(f"{str(path)!r} has no mask for {name}")
                 fan_in, fan_out = layer_shape(layer)
-                if shapes[name] != [fan_out, fan_in]:
+                packed = f.get_slice(name).get_shape()
+                if shapes[name] != [fan_out, fan_in] or packed != [fan_out, math.ceil(fan_in / 8)]:
                     raise SupernetError(f"{str(path)!r}: the mask of {name} has shape {shapes[name]}, "
                                         f"the layer {[fan_out, fan_in]}")
                 bits = np.unpackbits(f.get_tensor(name).numpy(), axis=1, count=fan_in)

@@ -830,9 +830,8 @@ def _compressed_payload(net: SuperNetwork, model: nn.Module, config: Config):
                 integers[name] = IntegerLayer(q.cpu(), base.scale.cpu(), base.zero.cpu(), base.bits, base.group_size)
             elif base.mask() is not None:
                 masks[name] = base.mask().cpu()
-            else:  # a quantised, unpruned base under SparsePEFT: the update left the grid
-                raise SupernetError(f"{name}: a sparse update on an unpruned integer base has nothing left to "
-                                    "compress; use --format merged")
+            else:  # a dense base (API only: the CLI refuses sparse without pruning)
+                raise SupernetError(f"{name} has neither a mask nor integers to compress; use --format merged")
     return integers, masks
 
 

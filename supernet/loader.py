@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 
 from supernet import run as runio
@@ -132,6 +133,9 @@ class TrainConfig:
             raise SupernetError(f"unknown --adapter-merge {self.adapter_merge!r}; choose one of {', '.join(MERGES)}")
         if self.adapter_merge == "qa-sparse" and comp.bits is None:
             raise SupernetError("--adapter-merge qa-sparse trains through the quantiser: it needs --bits 4 or 8")
+        if self.adapter_merge == "sparse" and comp.bits is not None:
+            raise SupernetError("--adapter-merge sparse on an integer base would leave its grid: use qa-sparse "
+                                "(trained through the quantiser) or plain")
         if self.adapter_merge == "sparse" and not comp.prunes:
             raise SupernetError("--adapter-merge sparse masks the update with the base's zeros: it needs --sparsity "
                                 "or an N:M --pattern")
@@ -297,8 +301,9 @@ def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None 
             masks = load_masks(Path(run_dir) / MASKS, targets)
         elif comp.prunes:
             batches = calibration_batches(enc, comp.calibration_samples, cfg.seed) if comp.calibrates else None
-            masks = compute_masks(model, targets, comp, batches, progress=progress)
-        bases = make_bases(targets, masks, comp)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            masks = compute_masks(model, targets, comp, batches, progress=progress, device=device)
+        bases = make_bases(targets, masks, comp, cfg.adapter_merge)
     net = SuperNetwork(model, sn_cfg, bases)
     return Setup(cfg, task, net, tokenizer, enc, data.label_names, sn_cfg, masks)
 

@@ -112,7 +112,7 @@ def _base(kind: str, layer: nn.Linear) -> FrozenBase:
 
 
 COMBOS = [("dense", "plain"), ("dense", "sparse"), ("masked", "plain"), ("masked", "sparse"),
-          ("quantized", "plain"), ("quantized", "sparse"), ("quantized", "qa-sparse")]
+          ("quantized", "plain"), ("quantized", "qa-sparse")]
 
 
 def _adapter(kind, merge, rank=4):
@@ -162,6 +162,11 @@ def test_qa_sparse_needs_a_quantised_base():
         ElasticLoRA(_base("masked", _layer()), 4, merge="qa-sparse")
     with pytest.raises(SupernetError, match="dropout"):
         ElasticLoRA(_base("masked", _layer()), 4, merge="sparse", dropout=0.1)
+    with pytest.raises(SupernetError, match="leave its grid"):  # a masked float update is off the integers
+        ElasticLoRA(_base("quantized", _layer()), 4, merge="sparse")
+    plain_only = QuantizedBase(_layer(), 4, 16, keep_source=False)
+    with pytest.raises(RuntimeError, match="keep_source"):
+        plain_only.merge(torch.zeros(8, 32), through=True)
 
 
 def test_costs_by_hand():
@@ -176,7 +181,8 @@ def test_costs_by_hand():
     # nibbles in int32 words (4 per row), an fp32 scale per group (2 per row), zeros packed down the 8 rows
     assert quant.weight_bytes() == 8 * 4 * 4 + 8 * 2 * 4 + 1 * 2 * 4
     ad = ElasticLoRA(masked, 6, merge="plain")
-    assert ad.macs_per_token(4) == 96 + 4 * (32 + 8) and ad.macs_per_token(4, merged=True) == 96
+    # a plain merge refills the pruned weights: merged, the layer costs its dense 256
+    assert ad.macs_per_token(4) == 96 + 4 * (32 + 8) and ad.macs_per_token(4, merged=True) == 256
     assert ad.nbytes(4) == masked.nbytes() + 4 * 40 * 4 and ad.nbytes(4, merged=True) == 256 * 4 + 8 * 4
     folded = ElasticLoRA(MaskedBase(_layer(), keep), 6, merge="sparse")
     assert folded.macs_per_token(4) == 96 and folded.nbytes(4) == folded.base.nbytes()

@@ -49,7 +49,7 @@ def compressed_net(arch: str, merge: str, bits: int | None = None, sparsity: flo
     comp = Compression(sparsity=sparsity, prune="magnitude", pattern=pattern, bits=bits, group_size=16)
     targets = target_layers(model, cfg)
     masks = compute_masks(model, targets, comp, None) if comp.prunes else None
-    net = SuperNetwork(model.eval(), cfg, make_bases(targets, masks, comp))
+    net = SuperNetwork(model.eval(), cfg, make_bases(targets, masks, comp, merge))
     with torch.no_grad():
         for ad in net.adapters.values():
             ad.lora_B.normal_(std=0.05)
@@ -193,6 +193,7 @@ BAD = [
     (["--bits", "4", "--group-size", "0"], "positive"),
     (["--adapter-merge", "qa-sparse", "--sparsity", "0.5"], "needs --bits"),
     (["--adapter-merge", "sparse"], "needs --sparsity"),
+    (["--adapter-merge", "sparse", "--sparsity", "0.5", "--bits", "4", "--group-size", "16"], "leave its grid"),
     (["--adapter-merge", "sparse", "--sparsity", "0.5", "--dropout", "0.1"], "--dropout needs"),
     (["--sparsity", "0.5", "--calibration-samples", "0"], "positive"),
     (["--sparsity", "0.5", "--calibration-samples", "100000"], "exceeds the 280 examples"),
@@ -221,7 +222,7 @@ def qa_run(tmp_path_factory, tiny_bert_dir, tiny_csv):
     return out / "qa"
 
 
-def test_a_compressed_run_records_and_rebuilds_its_base(qa_run):
+def test_a_compressed_run_records_and_rebuilds_its_base(qa_run, tmp_path, monkeypatch):
     record = json.loads((qa_run / "config.json").read_text())
     assert record["train"]["bits"] == 4 and record["train"]["pattern"] == "2:4"
     assert record["bases"]["kind"] == "quantized" and record["bases"]["merge"] == "qa-sparse"
@@ -231,8 +232,25 @@ def test_a_compressed_run_records_and_rebuilds_its_base(qa_run):
     for ad in setup.net.adapters.values():
         keep = ad.base.mask()
         assert (keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2).all()  # 2:4 exactly
-    assert setup.masks is not None and all(torch.equal(setup.masks[n], a.base.mask())
-                                           for n, a in setup.net.adapters.items())
+    # the base is rebuilt from the saved masks, never calibrated again: another valid mask file is followed
+    import shutil
+
+    import supernet.loader
+    from supernet.compression import save_masks
+
+    copy = tmp_path / "copy"
+    shutil.copytree(qa_run, copy)
+    other = {n: torch.rand(a.out_features, a.in_features) < 0.3 for n, a in setup.net.adapters.items()}
+    save_masks(copy / MASKS, other)
+    monkeypatch.setattr(supernet.loader, "compute_masks", lambda *a, **k: pytest.fail("calibrated again"))
+    rebuilt, _ = load_run(copy)
+    assert all(torch.equal(rebuilt.net.adapters[n].base.mask(), m) for n, m in other.items())
+    with safe_open(str(copy / MASKS), "pt") as f:  # a file of the wrong width is refused, not padded
+        meta = f.metadata()
+        narrow = {n: f.get_tensor(n)[:, :-1].contiguous() for n in f.keys()}
+    runio.save_tensors(copy / MASKS, narrow, metadata=meta)
+    with pytest.raises(SupernetError, match="mask of"):
+        load_run(copy)
 
 
 def test_qa_export_accuracy_equals_the_trained_evaluation_exactly(capsys, qa_run, tmp_path):
@@ -278,7 +296,7 @@ def test_search_sees_the_compressed_size(capsys, qa_run):
     assert hist["size"].nunique() == 1  # QA-SparsePEFT ships integers only, whatever the ranks
 
 
-def test_a_compressed_run_resumes_exactly(tiny_bert_dir, tiny_csv, tmp_path):
+def test_a_compressed_run_resumes_exactly(tiny_bert_dir, tiny_csv, tmp_path, monkeypatch):
     """The resumed run rebuilds its base from the saved masks and ends with the uninterrupted weights."""
     from supernet.train import TrainConfig, resume, train
 
@@ -299,6 +317,9 @@ def test_a_compressed_run_resumes_exactly(tiny_bert_dir, tiny_csv, tmp_path):
 
     with pytest.raises(Crash):
         train(cfg("broken"), on_step=crash)
+    import supernet.loader
+
+    monkeypatch.setattr(supernet.loader, "compute_masks", lambda *a, **k: pytest.fail("calibrated again"))
     resume(tmp_path / "broken")
     a = runio.load_tensors(tmp_path / "full" / runio.ADAPTER)
     b = runio.load_tensors(tmp_path / "broken" / runio.ADAPTER)
