@@ -239,8 +239,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_command(args.run, args.subnet, args.format, args.out, args.search, args.constraint, args.pareto,
                          args.overwrite)
     for e in out["exports"]:
-        print(f"exported {e['name']} ({args.format}, {e['shipped_params']:,} parameters shipped, verified: max |diff| "
-              f"{e['max_abs_diff']:.2e}) to {e['path']}", file=sys.stderr)
+        size = f", {e['bytes_on_disk'] / 2**20:.1f} MB on disk" if e.get("bytes_on_disk") else ""
+        print(f"exported {e['name']} ({args.format}, {e['shipped_params']:,} parameters shipped{size}, verified: "
+              f"max |diff| {e['max_abs_diff']:.2e}) to {e['path']}", file=sys.stderr)
     print(json.dumps(out))
     return 0
 

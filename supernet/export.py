@@ -789,7 +789,7 @@ def export_peft(
         del model
         verification = verify_peft(staging, net, factors, heads, dtype, inputs, reference)
         shipped = _safetensors_params(staging / "adapter_model.safetensors")
-        manifest = _manifest("peft", net, config, shipped, verification, macs, metadata)
+        manifest = _manifest("peft", net, config, shipped, verification, macs, metadata, directory=staging)
         _write_meta(staging, manifest)
     return manifest
 

@@ -128,6 +128,7 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
                           metadata=_metadata(row, source), overwrite=overwrite)
         written.append({"name": name, "path": str(dest), "config": json.dumps(config, sort_keys=True),
                         "shipped_params": manifest["shipped_params"], "macs": manifest.get("macs"),
+                        "bytes_on_disk": sum(manifest.get("size_on_disk", {}).values()) or None,
                         **_metadata(row, source), "max_abs_diff": manifest["verification"]["max_abs_diff"]})
     if pareto:
         index = target / "index.csv"
