@@ -218,8 +218,14 @@ class ElasticLoRA(ElasticAdapter):
         return lora_scale(self.scaling_mode, self.alpha, self.active_rank, self.max_rank)
 
     def active_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The one place that slices: ``A[:r]`` of shape ``(r, in)``, ``B[:, :r]`` of ``(out, r)``."""
+        """The one place that slices: ``A[:r]`` of shape ``(r, in)``, ``B[:, :r]`` of ``(out, r)``.
+
+        At ``r_max`` the parameters themselves, not full-size slices of them: a slice's backward
+        allocates a zero gradient of the whole parameter and copies into it.
+        """
         r = self.active_rank
+        if r == self.max_rank:
+            return self.lora_A, self.lora_B
         return self.lora_A[:r], self.lora_B[:, :r]
 
     def delta_weight(self) -> torch.Tensor:
