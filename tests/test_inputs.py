@@ -49,6 +49,24 @@ BAD_OPTIONS = [
     (["--name", "/abs/path"], "one plain folder name"),
     (["--name", ""], "empty"),
     (["--name", ".."], "one plain folder name"),
+    # the compressed base (supernet.compression.Compression and TrainConfig)
+    (["--sparsity", "1.0"], "[0, 1)"),
+    (["--sparsity", "-0.1"], "[0, 1)"),
+    (["--sparsity", "nan"], "finite"),
+    (["--pattern", "4:4"], "N must be below M"),
+    (["--pattern", "two:four"], "unstructured or N:M"),
+    (["--pattern", "3:5"], "not divisible by 5"),
+    (["--pattern", "2:4", "--sparsity", "0.3"], "removes 0.5"),
+    (["--bits", "3"], "4 or 8"),
+    (["--bits", "4", "--group-size", "24"], "does not divide the width 32"),
+    (["--bits", "4", "--group-size", "0"], "positive"),
+    (["--adapter-merge", "qa-sparse", "--sparsity", "0.5"], "needs --bits"),
+    (["--adapter-merge", "sparse"], "needs --sparsity"),
+    (["--adapter-merge", "sparse", "--sparsity", "0.5", "--bits", "4", "--group-size", "16"], "leave its grid"),
+    (["--adapter-merge", "sparse", "--sparsity", "0.5", "--dropout", "0.1"], "--dropout needs"),
+    (["--sparsity", "0.5", "--calibration-samples", "0"], "positive"),
+    (["--sparsity", "0.5", "--calibration-samples", "100000"], "exceeds the 280 examples"),
+    (["--prune", "random"], "invalid choice"),
 ]
 
 
