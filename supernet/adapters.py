@@ -124,8 +124,7 @@ class ElasticAdapter(nn.Module):
         if self.through_base:
             return self.base.nbytes()
         if merged:
-            w, bias = self.base.layer.weight, self.base.bias
-            return w.numel() * w.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
+            return self.base.dense_nbytes()
         return self.base.nbytes() + self.adapter_params(choice) * 4
 
     # ------------------------------------------------------------------ the adapter-specific part

@@ -67,6 +67,7 @@ class FrozenBase(nn.Module):
         self.layer = layer
         for p in layer.parameters():
             p.requires_grad_(False)
+        self.register_buffer("keep", None, persistent=False)  # pruned bases set their mask here
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -81,11 +82,11 @@ class FrozenBase(nn.Module):
 
     def mask(self) -> torch.Tensor | None:
         """Boolean ``(out, in)`` of the kept weights, or None when nothing was pruned."""
-        return None
+        return self.keep
 
     def restrict(self, delta: torch.Tensor) -> torch.Tensor:
         """An update restricted to the base's structure (the pruned positions get none)."""
-        return delta
+        return delta if self.keep is None else delta * self.keep
 
     def merge(self, delta: torch.Tensor, through: bool = False) -> torch.Tensor:
         """``W + delta`` in fp32, ``(out, in)``; differentiable in ``delta``.
@@ -112,9 +113,15 @@ class FrozenBase(nn.Module):
         """Bytes of the weight as deployed at this base's precision and structure."""
         return self.nnz() * self.layer.weight.element_size()
 
+    def bias_bytes(self) -> int:
+        return self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+
+    def dense_nbytes(self) -> int:
+        """Bytes of the layer stored dense in its float dtype (what a plain merge ships)."""
+        return self.layer.weight.numel() * self.layer.weight.element_size() + self.bias_bytes()
+
     def nbytes(self) -> int:
-        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
-        return self.weight_bytes() + bias
+        return self.weight_bytes() + self.bias_bytes()
 
     def describe(self) -> dict:
         """What a manifest records about this layer."""
@@ -140,14 +147,8 @@ class MaskedBase(FrozenBase):
         super().__init__(layer)
         if mask.shape != (self.out_features, self.in_features):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {(self.out_features, self.in_features)}")
-        self.register_buffer("keep", mask.to(device=layer.weight.device, dtype=torch.bool), persistent=False)
+        self.keep = mask.to(device=layer.weight.device, dtype=torch.bool)
         set_linear_weight(layer, linear_weight(layer) * self.keep)
-
-    def mask(self) -> torch.Tensor:
-        return self.keep
-
-    def restrict(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta * self.keep
 
     def weight_bytes(self) -> int:
         """compressed-tensors ``sparse-bitmask``: the non-zero values, one bit per position,
@@ -188,14 +189,8 @@ class QuantizedBase(FrozenBase):
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("zero", zero, persistent=False)
         self.register_buffer("qweight", quantize(w, scale, zero, self.bits, self.group_size), persistent=False)
-        self.register_buffer("keep", None if mask is None else mask.to(w.device, torch.bool), persistent=False)
+        self.keep = None if mask is None else mask.to(w.device, torch.bool)
         set_linear_weight(layer, dequantize(self.qweight, scale, zero, self.group_size))
-
-    def mask(self) -> torch.Tensor | None:
-        return self.keep
-
-    def restrict(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta if self.keep is None else delta * self.keep
 
     def merge(self, delta: torch.Tensor, through: bool = False) -> torch.Tensor:
         """Plain: ``s (q - z) + delta`` (fp32, off the grid). Through (QA-SparsePEFT):
@@ -214,10 +209,6 @@ class QuantizedBase(FrozenBase):
         if self.source is None:
             raise RuntimeError("this quantised base was built without its pre-quantisation weight (keep_source)")
         return quantize(self.source + self.restrict(delta).float(), self.scale, self.zero, self.bits, self.group_size)
-
-    def nnz(self) -> int:
-        # what the matmul multiplies: pruned positions hold q = z, i.e. exactly 0
-        return super().nnz()
 
     def weight_bytes(self) -> int:
         """compressed-tensors ``pack-quantized``: every position's integer (a pruned one is ``z``)
