@@ -26,6 +26,7 @@ from supernet.compress.calibration import input_sq_norms
 from supernet.compress.quant import BITS
 from supernet.compress.sparsity import parse_pattern, prune_mask
 from supernet.errors import SupernetError
+from supernet.run import save_tensors
 from supernet.tasks import Encoded, collate, rows_of
 
 MASKS = "compression.safetensors"
@@ -156,8 +157,6 @@ def make_bases(targets: Mapping[str, nn.Module], masks: Mapping[str, torch.Tenso
 
 def save_masks(path: Path, masks: Mapping[str, torch.Tensor]) -> None:
     """Bit-packed masks (one bit per weight) with their shapes in the metadata; written atomically."""
-    from supernet.run import save_tensors
-
     packed = {n: torch.from_numpy(np.packbits(m.numpy().astype(bool), axis=1)) for n, m in masks.items()}
     shapes = {n: list(m.shape) for n, m in masks.items()}
     save_tensors(path, packed, metadata={"shapes": json.dumps(shapes)})
