@@ -11,7 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
+import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from supernet.errors import SupernetError
+from supernet.files import write_atomic
 from supernet.space import Config
 
 from .objectives import Objective
@@ -38,13 +40,6 @@ class Record:
     metrics: dict[str, float]
     objectives: tuple[float, ...]
     seconds: float
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def records_frame(
@@ -86,19 +81,53 @@ class HistoryFile:
         return LEAD + list(metric_names) + [o.column for o in self.objectives] + TAIL
 
     def load(self) -> list[Record]:
-        """Every complete row; a partial last line (and a partial header) is dropped and the file trimmed."""
+        """Every complete row, each checked; a partial last line (a kill mid-write) is dropped and
+        the file trimmed, and a configuration recorded twice keeps its first row only (the others
+        are dropped from the file, with a warning).
+
+        Raises:
+            SupernetError: naming the line, for a row that is not UTF-8 text, has the wrong number
+                of fields, does not parse, or has a non-finite objective value (the search never
+                writes one, so such a row was edited or corrupted, and must never be selected).
+        """
         if not self.path.exists():
             return []
-        text = self.path.read_text()
-        lines = text.splitlines(keepends=True)
-        complete = [line for line in lines if line.endswith("\n")]
-        if len(complete) != len(lines):
-            write_atomic(self.path, "".join(complete))  # our own file: drop the line cut off mid-write
-        if not complete:
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise SupernetError(f"cannot read {self.path}: {e.strerror}") from None
+        parts = data.split(b"\n")
+        complete = [p + b"\n" for p in parts[:-1]]
+        lines = []
+        for n, line in enumerate(complete, start=1):
+            try:
+                lines.append(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise SupernetError(f"{self.path}, line {n} is not text (binary data); it was not written by "
+                                    "supernet: remove it, or start a new search") from None
+        if not lines:
+            if parts[-1]:
+                write_atomic(self.path, "")  # our own file: drop the line cut off mid-write
             return []
-        rows = list(csv.reader(io.StringIO("".join(complete))))
+        rows = list(csv.reader(io.StringIO("".join(lines))))
         self.metric_names = self._metric_names(rows[0])
-        return [self._parse(row, n + 2) for n, row in enumerate(rows[1:])]
+        records, seen, repeated = [], set(), []
+        for n, row in enumerate(rows[1:], start=2):
+            record = self._parse(row, n)
+            key = self.encoding.key(record.config)
+            if key in seen:
+                repeated.append(n)
+                continue
+            seen.add(key)
+            records.append(record)
+        if parts[-1] or repeated:  # our own file: keep exactly the rows that count
+            kept = [lines[0]] + [line for n, line in enumerate(lines[1:], start=2) if n not in set(repeated)]
+            write_atomic(self.path, "".join(kept))
+        if repeated:
+            print(f"supernet: warning: {self.path} recorded {len(repeated)} configuration(s) twice (lines "
+                  f"{', '.join(map(str, repeated[:5]))}{', ...' if len(repeated) > 5 else ''}); kept the first row "
+                  "of each", file=sys.stderr)
+        return records
 
     def _metric_names(self, header: list[str]) -> list[str]:
         k = len(self.objectives)
@@ -114,10 +143,16 @@ class HistoryFile:
         try:
             config = self.encoding.decode(self.encoding.encode(json.loads(row[2])))
             metrics = {m: float(v) for m, v in zip(names, row[3:3 + len(names)], strict=True)}
-            return Record(int(row[0]), int(row[1]), config, metrics,
-                          tuple(o.value(metrics) for o in self.objectives), float(row[-1]))
-        except (ValueError, TypeError, AttributeError, SupernetError) as e:
+            record = Record(int(row[0]), int(row[1]), config, metrics,
+                            tuple(o.value(metrics) for o in self.objectives), float(row[-1]))
+        except (ValueError, TypeError, AttributeError, RecursionError, SupernetError) as e:
             raise SupernetError(f"{self.path}, line {line} is corrupt: {e}") from None
+        for o, value in zip(self.objectives, record.objectives, strict=True):
+            if not math.isfinite(value):
+                raise SupernetError(f"{self.path}, line {line}: objective {o.name!r} is {value} ; a search never "
+                                    "records a non-finite value, so the row was edited or corrupted: restore it, or "
+                                    "start a new search under another --name")
+        return record
 
     def append(self, record: Record) -> None:
         """Append one row (writing the header first if the file is new) and flush it."""

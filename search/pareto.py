@@ -31,7 +31,11 @@ def non_dominated(F: np.ndarray) -> np.ndarray:
 
 
 def pareto_front(history: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    """The non-dominated rows of ``history`` by ``columns``, sorted by those columns, then by ``index``."""
+    """The non-dominated rows of ``history`` by ``columns``, sorted by those columns, then by ``index``.
+
+    A row with a non-finite value in ``columns`` is never on the front (NaN compares false both ways,
+    so it would otherwise count as non-dominated)."""
+    history = history[np.all(np.isfinite(history[list(columns)].to_numpy(dtype=float)), axis=1)]
     if history.empty:
         return history.copy()
     mask = non_dominated(history[list(columns)].to_numpy(dtype=float))

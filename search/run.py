@@ -10,19 +10,23 @@ by ``supernet eval --subnet``) and, for the allocator, ``selected.json``.
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from supernet.errors import SupernetError
+from supernet.files import exclusive, write_atomic
 from supernet.space import SearchSpace
 from supernet.validate import jsonable
 
 from .context import EvaluateFn, MapFn, SearchContext
-from .history import HistoryFile, Record, records_frame, write_atomic, write_records
+from .history import HistoryFile, Record, records_frame, write_records
 from .objectives import resolve_objectives
 from .pareto import pareto_front
 from .settings import SearchSettings
@@ -30,6 +34,8 @@ from .space import CostFn, Encoding, parse_constraint
 from .strategies import STRATEGIES
 
 FORMAT = 1
+LOCK = ".lock"  # held by the one process writing a search (see :func:`supernet.files.exclusive`)
+FEASIBILITY_PROBES = 64  # random configurations checked against a constraint before a search starts
 
 
 @dataclass
@@ -96,14 +102,24 @@ def _check_out_dir(out_dir: Path, wanted: dict[str, Any], resume: bool) -> None:
         if diff:
             raise SupernetError(f"{out_dir} holds a search with different settings ({diff}); choose another directory")
         raise SupernetError(f"{out_dir} already holds this search; use --resume to continue it")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and (not out_dir.is_dir() or any(p.name != LOCK for p in out_dir.iterdir())):
         raise SupernetError(f"{out_dir} exists and is not an empty directory; choose another output directory")
 
 
 def _preflight(ctx: SearchContext, check: Callable[[SearchContext], None] | None) -> None:
-    """Input errors that need the cost function, before anything is written."""
+    """Input errors that need the cost function, before anything is written: a constraint that
+    no configuration can meet is refused here rather than after a search that evaluates nothing."""
     if ctx.constraint is not None:
-        ctx.violation(ctx.space.min_config())  # needs a cost function giving every constrained metric
+        probes = [ctx.space.min_config(), ctx.space.max_config()]
+        rng = np.random.default_rng(0)
+        probes += [ctx.encoding.decode(rng.integers(0, ctx.encoding.upper + 1)) for _ in range(FEASIBILITY_PROBES)]
+        if all(ctx.violation(c) > 0 for c in probes):
+            smallest, largest = ctx.cost(probes[0]), ctx.cost(probes[1])
+            shown = ", ".join(f"{m} {smallest.get(m, math.nan):.4g} to {largest.get(m, math.nan):.4g}"
+                              for m in ctx.constraint.metrics)
+            raise SupernetError(f"no configuration satisfies the constraint {ctx.constraint} (the smallest, the "
+                                f"largest and {FEASIBILITY_PROBES} random ones were checked; {shown}); nothing was "
+                                "written")
     if check is not None:
         check(ctx)
 
@@ -128,6 +144,11 @@ def run_search(
             one generation are evaluated (default: one after another in this process; the CLI
             passes one that splits them across distributed processes).
 
+    One process at a time writes a search: a second one, fresh or resumed, is refused while the
+    first runs (a lock file, :data:`LOCK`, released by the system when its holder exits). A new
+    search that ends before its first evaluation (bad input, no feasible configuration, an
+    interrupt) leaves nothing behind.
+
     Raises:
         SupernetError: on bad input; nothing is written then.
     """
@@ -135,25 +156,58 @@ def run_search(
     out_dir = Path(out_dir)
     wanted = manifest(space, settings)
     _check_out_dir(out_dir, wanted, resume)
+    strategy = STRATEGIES[settings.algorithm]
+    if resume:
+        with exclusive(out_dir / LOCK, f"search {str(out_dir)!r}"):
+            _check_out_dir(out_dir, wanted, resume)
+            return _search(space, evaluate, cost, out_dir, settings, strategy, wanted, resume, progress, map_fn)
+    return _search(space, evaluate, cost, out_dir, settings, strategy, wanted, resume, progress, map_fn)
+
+
+def _search(space, evaluate, cost, out_dir: Path, settings: SearchSettings, strategy, wanted: dict, resume: bool,
+            progress: bool, map_fn: MapFn | None) -> SearchResult:
     encoding = Encoding.from_space(space)
     objectives = resolve_objectives(settings.objectives)
-    strategy = STRATEGIES[settings.algorithm]
     history = HistoryFile(out_dir / "history.csv", encoding, objectives)
     limit = settings.evaluations if strategy.budgeted else None
     ctx = SearchContext(space, encoding, settings, evaluate, cost, objectives, parse_constraint(settings.constraint),
                         limit, history, progress, map_fn)
     try:
         _preflight(ctx, strategy.check)
-        if not resume:
+        if resume:
+            strategy.run(ctx)
+        else:
+            created = not out_dir.exists()
             out_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(out_dir / "search.json", json.dumps(wanted, indent=2) + "\n")
-        strategy.run(ctx)
+            try:
+                with exclusive(out_dir / LOCK, f"search {str(out_dir)!r}"):
+                    _check_out_dir(out_dir, wanted, resume)  # another process may have started it meanwhile
+                    try:
+                        write_atomic(out_dir / "search.json", json.dumps(wanted, indent=2) + "\n")
+                        strategy.run(ctx)
+                        if not ctx.records:
+                            raise SupernetError("the search found no configuration that satisfies the constraint "
+                                                f"{ctx.constraint}; nothing was written")
+                    except BaseException:
+                        if not history.path.is_file():  # nothing evaluated: remove what this search wrote
+                            _discard(out_dir)
+                        raise
+            finally:
+                if created and not any(out_dir.iterdir()):
+                    out_dir.rmdir()
     finally:
         ctx.close()
-    result = _finish(ctx, out_dir)
-    if result.history.empty:
+    if not ctx.records:
         raise SupernetError(f"the search found no configuration that satisfies the constraint {ctx.constraint}")
-    return result
+    return _finish(ctx, out_dir)
+
+
+def _discard(out_dir: Path) -> None:
+    """Remove what a new search wrote before its first evaluation (its lock file last, while held)."""
+    for name in ("search.json", "search.json.tmp", "pareto.csv", "selected.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "subnets", ignore_errors=True)
+    (out_dir / LOCK).unlink(missing_ok=True)
 
 
 def _finish(ctx: SearchContext, out_dir: Path) -> SearchResult:

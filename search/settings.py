@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from supernet import validate
 from supernet.errors import SupernetError
 
 from .objectives import resolve_objectives
@@ -79,8 +80,9 @@ class SearchSettings:
             raise SupernetError(f"unknown algorithm {self.algorithm!r}; use one of {', '.join(STRATEGIES)}")
         population = _integer("population", self.population)
         evaluations = _integer("evaluations", self.evaluations)
-        for name, value in (("population", population), ("evaluations", evaluations),
-                            ("seed", _integer("seed", self.seed))):
+        seed = _integer("seed", self.seed)
+        validate.seed("--seed", seed)  # the one seed rule, as train's
+        for name, value in (("population", population), ("evaluations", evaluations), ("seed", seed)):
             object.__setattr__(self, name, value)
         if population < 2:
             raise SupernetError(f"population must be at least 2, got {population}")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 import pandas as pd
 
-from supernet import validate
+from supernet import files, validate
+from supernet import run as runio
 from supernet.errors import SupernetError
+from supernet.files import write_atomic
 from supernet.loader import Setup, load_run
 from supernet.space import load_config_file
 
@@ -41,6 +44,11 @@ def eval_run(
         raise SupernetError("--limit must be positive")
     if predictions is not None:
         predictions = validate.writable_file("--predictions", predictions)
+        files.check_clear_of("--predictions", predictions, runio.paths_in_use(run_dir, runio.read_run_config(run_dir)),
+                             f"run {str(run_dir)!r}")
+        if os.path.lexists(predictions) and not is_predictions_file(predictions):
+            raise SupernetError(f"--predictions {str(predictions)!r} exists and is not a predictions file that "
+                                "supernet wrote; it never overwrites other files: choose another name")
     setup, record = load_run(run_dir)
     config = setup.net.activate(resolve_subnet(setup, subnet))
     with setup.net.merged():  # as the search scores it: adapters folded into dense weights
@@ -68,7 +76,26 @@ def eval_run(
         for j, n in enumerate(names):
             df[f"logit_{n}"] = logits[:, j]
         predictions.parent.mkdir(parents=True, exist_ok=True)
-        tmp = predictions.with_name(predictions.name + ".tmp")
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, predictions)
+        write_atomic(predictions, df.to_csv(index=False))
     return out
+
+
+PREDICTION_COLUMNS = ("index", "label", "prediction")
+
+
+def is_predictions_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file whose header is that of ``eval --predictions``
+    (``index,label,prediction`` then one ``logit_<label>`` column per class)."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    try:
+        with path.open("rb") as f:
+            header = f.readline(1 << 16).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        columns = next(csv.reader([header]))
+    except (csv.Error, StopIteration):
+        return False
+    return (tuple(columns[:3]) == PREDICTION_COLUMNS and len(columns) > 3
+            and all(c.startswith("logit_") for c in columns[3:]))

@@ -69,7 +69,11 @@ class Evaluator:
         """Median seconds of one forward pass of ``latency_batch`` sequences of ``seq_len`` tokens
         on this device (one warm-up pass first)."""
         self.net.activate(config)  # unmerged: the latency of serving the sub-adapter as it is
-        ids = torch.full((self.latency_batch, self.seq_len), 1000, dtype=torch.long, device=self.device)
+        # Token ids drawn (seeded) from the model's own vocabulary: the cost of a forward pass does not
+        # depend on which tokens it sees, but an id past the embedding table would fail.
+        vocab = self.net.model.get_input_embeddings().num_embeddings
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (self.latency_batch, self.seq_len), generator=gen).to(self.device)
         mask = torch.ones_like(ids)
         times = []
         for i in range(repeats + 1):

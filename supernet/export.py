@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from supernet import files
 from supernet.adapters import ElasticAdapter, ElasticLoRA
 from supernet.bases import FrozenBase, QuantizedBase, linear_weight, set_linear_weight
 from supernet.errors import SupernetError
@@ -544,17 +545,69 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
     return data if isinstance(data, dict) and MARKER in data else None
 
 
-def _check_target(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing path unless it is an empty directory or (with ``overwrite``) one of our exports."""
+# The files save_pretrained (transformers, PEFT, compressed-tensors) and supernet wrote into an export made
+# before manifests listed their files: only these are taken for ours in such an old export.
+_LEGACY_FILES = re.compile(
+    r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab|adapter_config"
+    r"|model\.safetensors\.index|subnet)\.json|model(-\d+-of-\d+)?\.safetensors|adapter_model\.safetensors"
+    r"|vocab\.txt|merges\.txt|tokenizer\.model|spiece\.model|chat_template\.jinja|README\.md|recipe\.yaml|index\.csv")
+
+
+def foreign_entries(directory: Path) -> list[str] | None:
+    """What in ``directory`` supernet did not write, or ``None`` when it is not one of our exports.
+
+    An export's ``manifest.json`` lists every file it wrote with its size and SHA-256; a file not
+    listed, or changed since, is foreign (:mod:`supernet.files`). A ``--pareto`` folder is ours
+    when its manifest (or, for an old one, its ``index.csv``) says so, and each member is checked
+    as an export of its own.
+    """
+    manifest = read_manifest(directory)
+    pareto = manifest.get("pareto") if manifest else (directory / "index.csv").is_file()
+    if manifest is None and not pareto:
+        return None
+    recorded = manifest.get("files") if manifest else None
+    out = []
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if name == MANIFEST and manifest is not None:
+            continue
+        if pareto and entry.is_dir() and not entry.is_symlink():
+            inner = foreign_entries(entry)
+            out += [f"{name}/"] if inner is None else [f"{name}/{n}" for n in inner]
+        elif isinstance(recorded, dict):
+            if entry.is_dir() and not entry.is_symlink():
+                listed = {n for n in recorded if n.startswith(name + "/")}
+                found = {f"{name}/{n}" for n in files.tree(entry)}
+                out += sorted(found - listed) or ([] if listed else [f"{name}/"])
+                out += [n for n in sorted(found & listed) if not files.unchanged(directory, n, recorded)]
+            elif not files.unchanged(directory, name, recorded):
+                out.append(name)
+        elif entry.is_symlink() or not entry.is_file() or not _LEGACY_FILES.fullmatch(name):
+            out.append(name + ("/" if entry.is_dir() else ""))
+    return out
+
+
+def check_export_target(out_dir: str | os.PathLike, overwrite: bool, flag: str = "--out") -> Path:
+    """Refuse a target that exists and is not an empty folder, unless it is one of our exports that
+    holds nothing supernet did not write and ``overwrite`` is given. Checked before any work."""
     target = Path(out_dir)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise SupernetError(f"{str(target)!r} exists and is not a directory")
+        raise SupernetError(f"{flag} {str(target)!r} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()):
-        if read_manifest(target) is None:
-            raise SupernetError(f"{str(target)!r} exists and is not a supernet export; refusing to touch it")
+        found = foreign_entries(target)
+        if found is None:
+            raise SupernetError(f"{flag} {str(target)!r} exists and is not a supernet export; choose another folder")
+        if found:
+            raise SupernetError(f"{flag} {str(target)!r} holds {files.describe(target, found)}, which supernet did not "
+                                "write (or which changed since); an export never replaces such files: move them "
+                                "or choose another folder")
         if not overwrite:
-            raise SupernetError(f"{str(target)!r} already holds an export; pass overwrite=True to replace it")
+            raise SupernetError(f"{flag} {str(target)!r} holds an export; pass --overwrite to replace it")
     return target
+
+
+def _check_target(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    return check_export_target(out_dir, overwrite, "export folder")
 
 
 def _make_parents(directory: Path) -> list[Path]:
@@ -680,7 +733,10 @@ def shipped_layers(net: SuperNetwork, model: nn.Module, fmt: str) -> dict[str, d
 
 
 def _write_meta(directory: Path, manifest: dict) -> None:
+    """``subnet.json``, then ``manifest.json`` last: it lists every file of the export with its size
+    and SHA-256 (what a later ``--overwrite`` may replace) and marks the folder as complete."""
     write_json(directory / SUBNET, manifest["config"])
+    manifest["files"] = files.fingerprints(directory, [n for n in files.tree(directory) if n != MANIFEST])
     write_json(directory / MANIFEST, manifest)
 
 

@@ -8,60 +8,100 @@ verifies itself on real validation examples (:mod:`supernet.export`).
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from supernet import validate
+from supernet import files, validate
+from supernet import run as runio
 from supernet.errors import SupernetError
-from supernet.export import FORMATS, check_format, export, read_manifest
+from supernet.export import (
+    FORMAT_VERSION,
+    FORMATS,
+    MANIFEST,
+    MARKER,
+    check_export_target,
+    check_format,
+    export,
+    staging_dir,
+)
+from supernet.files import write_atomic
 from supernet.loader import Setup, load_run
+from supernet.run import write_json
 from supernet.space import SearchSpace, load_config_file
 from supernet.tasks import collate, rows_of
 
 VERIFY_EXAMPLES = 8
 
 
-def _search_dir(run_dir: Path, name: str | None) -> Path:
+def finished_searches(run_dir: Path) -> list[str]:
+    """The run's searches that finished: a ``search.json`` and a ``pareto.csv`` with at least one member.
+    A search that stopped or failed before its end is not offered for export."""
     root = run_dir / "search"
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "search.json").is_file()
+                  and _front_rows(p / "pareto.csv") > 0)
+
+
+def _front_rows(path: Path) -> int:
+    try:
+        with path.open("rb") as f:
+            return max(sum(1 for line in f if line.strip()) - 1, 0)
+    except OSError:
+        return 0
+
+
+def _search_dir(run_dir: Path, name: str | None) -> Path:
+    found = finished_searches(run_dir)
     if name is None:
-        found = sorted(p.name for p in root.iterdir() if (p / "pareto.csv").is_file()) if root.is_dir() else []
         if len(found) != 1:
             raise SupernetError(f"name the search with --search ({'one of ' + ', '.join(found) if found else 'run'} "
                                 f"{'' if found else repr(str(run_dir)) + ' has no finished search'})".strip())
         name = found[0]
-    d = root / validate.run_name(name)
-    if not (d / "pareto.csv").is_file():
-        raise SupernetError(f"run {str(run_dir)!r} has no finished search {name!r} (no pareto.csv)")
+    d = run_dir / "search" / validate.run_name(name)
+    if name not in found:
+        why = "it does not exist" if not d.is_dir() else "it never finished (no Pareto front)"
+        raise SupernetError(f"run {str(run_dir)!r} has no finished search {name!r}: {why}"
+                            + (f"; finished: {', '.join(found)}" if found else ""))
     return d
 
 
 def _front(search: Path) -> pd.DataFrame:
+    path = search / "pareto.csv"
     try:
-        front = pd.read_csv(search / "pareto.csv")
+        front = pd.read_csv(io.StringIO(validate.read_text("Pareto file", path)))
         front["config"].map(json.loads)
-    except (OSError, ValueError, KeyError, pd.errors.ParserError) as e:
-        raise SupernetError(f"{str(search / 'pareto.csv')!r} is corrupt: {e}") from None
+        front["index"] = front["index"].astype("int64")
+    except (ValueError, KeyError, RecursionError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise SupernetError(f"{str(path)!r} is corrupt: {e}") from None
+    if front.empty:
+        raise SupernetError(f"{str(path)!r} has no members")
     return front
 
 
 def pick_best(front: pd.DataFrame, constraint: str | None) -> pd.Series:
     """The front member with the highest whole-validation accuracy (search accuracy if the final
-    evaluation is missing) among those that satisfy ``constraint``."""
+    evaluation is missing) among those that satisfy ``constraint``; a member without a finite
+    accuracy is never chosen."""
     from supernet.search import parse_constraint
 
     rule = parse_constraint(constraint)
-    ok = front
+    column = "val_accuracy" if "val_accuracy" in front.columns else "accuracy"
+    if column not in front.columns:
+        raise SupernetError("the Pareto file has no accuracy column to choose the best member by")
+    ok = front[np.isfinite(pd.to_numeric(front[column], errors="coerce").to_numpy(dtype=float))]
     if rule is not None:
         missing = [m for m in rule.metrics if m not in front.columns]
         if missing:
             raise SupernetError(f"--constraint names {missing[0]!r}, which pareto.csv does not have")
-        ok = front[[rule.violation(row) == 0 for row in front.to_dict(orient="records")]]
+        ok = ok[[rule.violation(row) == 0 for row in ok.to_dict(orient="records")]]
     if ok.empty:
-        raise SupernetError(f"no front member satisfies {constraint!r}")
-    column = "val_accuracy" if "val_accuracy" in ok.columns else "accuracy"
+        what = f"satisfies {constraint!r}" if rule is not None else "has a finite accuracy"
+        raise SupernetError(f"no front member {what}")
     return ok.sort_values([column, "index"], ascending=[False, True]).iloc[0]
 
 
@@ -92,8 +132,6 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
         raise SupernetError("give either --subnet (max, mid, min, best or a JSON file) or --pareto")
     if constraint is not None and subnet != "best":
         raise SupernetError("--constraint chooses among front members: use it with --subnet best")
-    from supernet import run as runio
-
     record = runio.read_run_config(run_dir)
     runio.weights_path(run_dir)
     space = SearchSpace.from_json({"choices": record.get("choices") or {}})
@@ -114,41 +152,32 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
     label = "pareto" if pareto else "best" if subnet == "best" else jobs[0][0]
     default = run_dir / "exports" / f"{label}-{fmt}"
     target = Path(out) if out is not None else default
-    _check_out(target, pareto, overwrite)
+    files.check_clear_of("--out", target, runio.paths_in_use(run_dir, record), f"run {str(run_dir)!r}")
+    check_export_target(target, overwrite)
+    validate.writable_dir("--out", target)
 
     setup, _ = load_run(run_dir)
     check_format(setup.net, fmt)  # a format this run cannot produce: refused before anything is written
     batches = verification_batches(setup)
-    written = []
-    for name, config, row in jobs:
+    labels = {"labels": list(setup.label_names)}
+
+    def one(name: str, config: dict | None, row: pd.Series | None, dest: Path) -> dict:
         config = setup.net.space.named_config(name) if config is None else setup.net.space.validate(config)
-        dest = target / name if pareto else target
         manifest = export(setup.net, config, dest, fmt, batches=batches, tokenizer=setup.tokenizer,
                           macs=setup.net.macs(config, setup.cfg.max_length, merged=fmt != "peft"),
-                          metadata=_metadata(row, source), overwrite=overwrite)
-        written.append({"name": name, "path": str(dest), "config": json.dumps(config, sort_keys=True),
-                        "shipped_params": manifest["shipped_params"], "macs": manifest.get("macs"),
-                        "bytes_on_disk": sum(manifest.get("size_on_disk", {}).values()) or None,
-                        **_metadata(row, source), "max_abs_diff": manifest["verification"]["max_abs_diff"]})
-    if pareto:
-        index = target / "index.csv"
-        pd.DataFrame(written).to_csv(index.with_name("index.csv.tmp"), index=False)
-        os.replace(index.with_name("index.csv.tmp"), index)
+                          metadata={**_metadata(row, source), **labels}, overwrite=overwrite)
+        return {"name": name, "path": str(target / name if pareto else target),
+                "config": json.dumps(config, sort_keys=True), "shipped_params": manifest["shipped_params"],
+                "macs": manifest.get("macs"), "bytes_on_disk": sum(manifest.get("size_on_disk", {}).values()) or None,
+                **_metadata(row, source), "max_abs_diff": manifest["verification"]["max_abs_diff"]}
+
+    if not pareto:
+        written = [one(*jobs[0], target)]
+    else:  # the whole front is staged in one folder and swapped in at the end: all members or none
+        with staging_dir(target) as staging:
+            written = [one(name, config, row, staging / name) for name, config, row in jobs]
+            write_atomic(staging / "index.csv", pd.DataFrame(written).to_csv(index=False))
+            write_json(staging / MANIFEST, {MARKER: FORMAT_VERSION, "pareto": True, "format": fmt, "source": source,
+                                            "members": [w["name"] for w in written],
+                                            "files": files.fingerprints(staging, ["index.csv"])})
     return {"format": fmt, "out": str(target), "exports": written}
-
-
-def _check_out(target: Path, pareto: bool, overwrite: bool) -> None:
-    """Refuse an output folder that exists and is not an export of ours (before anything loads)."""
-    if target.exists() and not target.is_dir():
-        raise SupernetError(f"--out {str(target)!r} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()):
-        if pareto:
-            ours = (target / "index.csv").is_file() and all(
-                p.is_dir() and read_manifest(p) is not None for p in target.iterdir() if p.name != "index.csv")
-        else:
-            ours = read_manifest(target) is not None
-        if not ours:
-            raise SupernetError(f"--out {str(target)!r} exists and is not a supernet export; choose another folder")
-        if not overwrite:
-            raise SupernetError(f"--out {str(target)!r} holds an export; pass --overwrite to replace it")
-    validate.writable_dir("--out", target)

@@ -29,7 +29,7 @@ import argparse
 import io
 import json
 import math
-import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from supernet import validate
+from supernet import files, validate
 from supernet.errors import SupernetError
 
 if TYPE_CHECKING:
@@ -139,6 +139,8 @@ class Search:
 def load_search(run_dir: Path, name: str, required: bool = True) -> Search | None:
     """Read one search folder; a missing one raises SupernetError, and so does one without
     evaluations yet when ``required`` (else it gives None)."""
+    import pandas as pd
+
     from supernet.search import pareto_front, resolve_objectives
 
     folder = Path(run_dir) / SEARCH_DIR / name
@@ -164,6 +166,11 @@ def load_search(run_dir: Path, name: str, required: bool = True) -> Search | Non
         raise SupernetError(f"search {name!r} has no evaluations yet (history.csv is empty)")
     history = history.astype({"index": "int64", "generation": "int64"})
     configs = _configs("history file", history_path, history["config"])
+    keys = [json.dumps(c, sort_keys=True) for c in configs]
+    first = ~pd.Series(keys).duplicated().to_numpy()  # a configuration recorded twice is one evaluation
+    if not first.all():
+        history = history[first].reset_index(drop=True)
+        configs = [c for c, keep in zip(configs, first, strict=True) if keep]
     pareto_path = folder / "pareto.csv"
     if pareto_path.is_file():
         front = _read_csv("Pareto file", pareto_path, ["index"], ["index"])
@@ -186,10 +193,23 @@ def search_names(run_dir: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and (d / "search.json").is_file())
 
 
-def load_searches(run_dir: Path) -> list[Search]:
-    """Every search of the run that has evaluations (one still without any is skipped)."""
-    found = (load_search(run_dir, name, required=False) for name in search_names(run_dir))
-    return [s for s in found if s is not None]
+def load_searches(run_dir: Path, strict: bool = True) -> list[Search]:
+    """Every search of the run that has evaluations (one still without any is skipped).
+
+    With ``strict=False`` a search whose files are corrupt is skipped with a warning instead of
+    failing (``plot --search X`` only borrows the other searches' reference markers)."""
+    out = []
+    for name in search_names(run_dir):
+        try:
+            found = load_search(run_dir, name, required=False)
+        except SupernetError as e:
+            if strict:
+                raise
+            print(f"supernet: warning: skipping search {name!r}: {e}", file=sys.stderr)
+            continue
+        if found is not None:
+            out.append(found)
+    return out
 
 
 def mid_config(record: dict) -> dict | None:
@@ -286,28 +306,20 @@ def progress_frame(search: Search, searches: Sequence[Search], mid: dict | None)
 # ----------------------------------------------------------------------------- writing
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
     """``frame`` to ``path`` without the index, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return files.write_atomic(path, frame.to_csv(index=False))
 
 
 def write_png(fig, path: Path) -> Path:
     """Save and close a figure as a PNG at ``DPI``, atomically."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.name + ".tmp")
+    buffer = io.BytesIO()
     try:
         fig.tight_layout()
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, path)
+        fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return files.write_atomic(path, buffer.getvalue())
 
 
 def _pyplot():
@@ -405,7 +417,9 @@ def _pair_frame(pair: tuple[str, str], searches: Sequence[Search], reference: fl
     if len(every) == 0:
         return None
     ideal, nadir = every.min(axis=0), every.max(axis=0)
-    span = np.where(nadir - ideal > 0, nadir - ideal, 1.0)
+    # An objective on which every point is equal normalises to 0 whatever its span (the hypervolume
+    # does not depend on it); a span of 1% of the value keeps the reported reference point readable.
+    span = np.where(nadir - ideal > 0, nadir - ideal, np.maximum(np.abs(ideal), 1e-12) * 0.01)
     ref = ideal + reference * span
     rows = []
     for s in curves:
@@ -430,7 +444,8 @@ def _reference_text(row: pd.Series) -> str:
     for i in (1, 2):
         o = OBJECTIVES[row[f"objective_{i}"].removeprefix("obj_")]
         value = o.raw(row[f"reference_{i}"]) * UNITS[o.name][0]
-        parts.append(f"{o.label} {value:.4g}{_suffix(o)}")
+        equal = " (every point equal)" if row[f"ideal_{i}"] == row[f"nadir_{i}"] else ""
+        parts.append(f"{o.label} {value:.4g}{_suffix(o)}{equal}")
     return ", ".join(parts)
 
 
@@ -559,7 +574,7 @@ def plot_run(run_dir: str | Path, search: str | None = None, out: str | Path | N
         if search not in search_names(run_dir):
             known = ", ".join(search_names(run_dir)) or "none"
             raise SupernetError(f"run {str(run_dir)!r} has no search {search!r} (its searches: {known})")
-    searches = load_searches(run_dir)
+    searches = load_searches(run_dir, strict=search is None)
     targets = searches
     if search is not None:
         targets = [s for s in searches if s.name == search] or [load_search(run_dir, search)]
@@ -567,19 +582,28 @@ def plot_run(run_dir: str | Path, search: str | None = None, out: str | Path | N
     if not targets and training is None:
         raise SupernetError(f"nothing to plot in {str(run_dir)!r}: no train_log.csv and no searches")
     out_dir = validate.writable_dir("--out", out if out is not None else run_dir / PLOTS_DIR)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
     mid = mid_config(record)
+    # Everything is computed before anything is written: (name, frame, draw) per figure.
+    figures = []
     for s in targets:
         frame = progress_frame(s, searches, mid)
-        written += [plot_progress(frame, s, out_dir / f"search_progress_{s.name}.png"),
-                    write_csv(frame, out_dir / f"search_progress_{s.name}.csv")]
+        figures.append((f"search_progress_{s.name}", frame, lambda f, p, s=s: plot_progress(f, s, p)))
     if search is None:
         hv = hypervolume_frame(searches)
         if len(hv):
-            written += [plot_hypervolume(hv, out_dir / "hypervolume.png"), write_csv(hv, out_dir / "hypervolume.csv")]
+            figures.append(("hypervolume", hv, plot_hypervolume))
     if training is not None:
-        written += [plot_training(training, out_dir / "training.png"), write_csv(training, out_dir / "training.csv")]
+        figures.append(("training", training, plot_training))
+    names = [f"{name}{ext}" for name, _, _ in figures for ext in (".png", ".csv")]
+    recorded = files.read_ledger(out_dir) if out_dir.is_dir() else {}
+    legacy = not recorded and out_dir.resolve() == (run_dir / PLOTS_DIR).resolve()
+    if not legacy:  # RUN/plots from before the ledger held only what supernet wrote there
+        files.refuse_foreign("--out", out_dir, names, recorded)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, frame, draw in figures:
+        written += [draw(frame, out_dir / f"{name}.png"), write_csv(frame, out_dir / f"{name}.csv")]
+    files.record(out_dir, [p.name for p in written])
     return written
 
 

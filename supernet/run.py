@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from supernet.errors import SupernetError
+from supernet.files import write_atomic
 from supernet.validate import inside, jsonable
 
 CONFIG = "config.json"
@@ -33,9 +34,7 @@ OWN_ENTRIES = {MARKER, CONFIG, ADAPTER, SUMMARY, "train_log.csv", "eval_log.csv"
 
 def write_json(path: Path, data) -> None:
     """Write strict JSON atomically (temp file + rename), sorted and indented; NaN/inf become null."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(jsonable(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(jsonable(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _own(entry: Path) -> bool:
@@ -138,18 +137,38 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def read_run_config(run_dir: str | Path) -> dict:
     d = Path(run_dir)
-    if not d.is_dir():
+    if not d.exists():
         raise SupernetError(f"run directory {str(d)!r} does not exist")
+    if not d.is_dir():
+        raise SupernetError(f"--run {str(d)!r} is a file, not a run folder")
     f = d / CONFIG
     if not f.is_file():
         raise SupernetError(f"{str(d)!r} is not a supernet run (no {CONFIG})")
     try:
         data = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise SupernetError(f"run config {str(f)!r} is corrupt (not JSON)") from None
     if not isinstance(data, dict) or "train" not in data or "supernet" not in data:
         raise SupernetError(f"run config {str(f)!r} is corrupt (missing train/supernet sections)")
     return data
+
+
+# What a run reads back later: overwriting any of these silently changes every later eval, search or export.
+IN_USE = (MARKER, CONFIG, ADAPTER, SUMMARY, "train_log.csv", "eval_log.csv", CHECKPOINT, CHECKPOINT + ".tmp",
+          CHECKPOINT + ".old", "compression.safetensors", "search")
+
+
+def paths_in_use(run_dir: str | Path, record: dict | None = None) -> list[Path]:
+    """The files a command on this run reads: the run's own records, and its model folder and data file
+    when they are local paths (a built-in or Hub model lives in a cache supernet does not write to)."""
+    d = Path(run_dir)
+    out = [d / name for name in IN_USE]
+    train = (record or {}).get("train") if isinstance(record, dict) else None
+    for key in ("model", "dataset"):
+        value = train.get(key) if isinstance(train, dict) else None
+        if isinstance(value, str) and value and os.path.lexists(value):
+            out.append(Path(value))
+    return out
 
 
 def weights_path(run_dir: str | Path) -> Path:

@@ -23,8 +23,10 @@ from supernet import run as runio
 from supernet import validate
 from supernet.errors import SupernetError
 from supernet.evaluator import Evaluator, default_device
+from supernet.files import exclusive, write_atomic
 from supernet.search import SearchSettings, run_search
 from supernet.search.context import timed_map
+from supernet.search.run import LOCK
 
 SEARCH_DIR = "search"
 
@@ -118,7 +120,14 @@ def run_search_command(run_dir: str | Path, settings: SearchSettings | None, nam
                                                                      "seq_len": record["train"]["max_length"]}})
     out_dir = search_dir(run_dir, name or default_name(settings))
     _precheck(out_dir, settings, resume)
+    if resume and rank == 0:  # one writer: a second resume of this search is refused before the model loads
+        with exclusive(out_dir / LOCK, f"search {out_dir.name!r}"):
+            return _search_run(run_dir, settings, out_dir, resume, eval_samples, batch_size, progress, rank, world)
+    return _search_run(run_dir, settings, out_dir, resume, eval_samples, batch_size, progress, rank, world)
 
+
+def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, eval_samples: int, batch_size: int,
+                progress: bool, rank: int, world: int) -> dict:
     from supernet.loader import load_run
 
     setup, _ = load_run(run_dir)
@@ -146,14 +155,14 @@ def run_search_command(run_dir: str | Path, settings: SearchSettings | None, nam
     _barrier(world)
     if rank != 0:
         return {}
-    front = final_evaluation(setup, result.pareto, batch_size, device, progress)
-    front.to_csv(out_dir / "pareto.csv.tmp", index=False)
-    os.replace(out_dir / "pareto.csv.tmp", out_dir / "pareto.csv")
-    for row in front.to_dict(orient="records"):
-        path = out_dir / "subnets" / f"{int(row['index'])}.json"
-        data = json.loads(path.read_text())
-        data["final"] = {k: row[k] for k in FINAL_COLUMNS}
-        runio.write_json(path, data)
+    with exclusive(out_dir / LOCK, f"search {out_dir.name!r}"):  # held already when resuming
+        front = final_evaluation(setup, result.pareto, batch_size, device, progress)
+        write_atomic(out_dir / "pareto.csv", front.to_csv(index=False))
+        for row in front.to_dict(orient="records"):
+            path = out_dir / "subnets" / f"{int(row['index'])}.json"
+            data = validate.read_json("sub-network file", path)
+            data["final"] = {k: row[k] for k in FINAL_COLUMNS}
+            runio.write_json(path, data)
     return {"search": str(out_dir), "evaluations": len(result.history), "evaluated_now": result.evaluator_calls,
             "pareto": front, "selected": result.selected, "settings": settings.to_json(),
             "eval_examples": evaluator.examples, "processes": world}

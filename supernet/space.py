@@ -6,7 +6,6 @@ torch; the super-network maps each group to its adapters.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from supernet.errors import SupernetError
+from supernet.validate import read_json
 
 Config = dict[str, int]
 
@@ -96,13 +96,7 @@ class SearchSpace:
 
 def load_config_file(path: str | Path) -> dict:
     """Read a sub-network config from a JSON file, failing with one clear line."""
-    p = Path(path)
-    if not p.is_file():
-        raise SupernetError(f"sub-network file {str(p)!r} does not exist")
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SupernetError(f"sub-network file {str(p)!r} is not valid JSON: {e}") from None
+    data = read_json("sub-network file", path)
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]  # accept the records eval and search write
     return data

@@ -39,6 +39,11 @@ def number(flag: str, value, *, low: float | None = None, high: float | None = N
     return value
 
 
+def seed(flag: str, value) -> int:
+    """A seed, for every command alike: an integer in ``[0, 2**32 - 1]`` (numpy's and torch's range)."""
+    return int(number(flag, value, low=0, high=SEED_MAX, integer=True))
+
+
 def text_option(flag: str, value: str, *, allow_empty: bool = False) -> str:
     """A printable one-line string (no NUL or line breaks)."""
     if not isinstance(value, str):
@@ -142,10 +147,12 @@ def inside(child: Path, parent: Path) -> bool:
 def read_text(what: str, path: str | Path, limit: int = 64 << 20) -> str:
     """A UTF-8 text file: exists, is a regular file, not binary, not huge."""
     p = Path(path)
-    if not p.exists():
+    if not os.path.lexists(p):
         raise SupernetError(f"{what} {str(p)!r} does not exist")
+    if p.is_dir():
+        raise SupernetError(f"{what} {str(p)!r} is a folder, not a file")
     if not p.is_file():
-        raise SupernetError(f"{what} {str(p)!r} is not a regular file")
+        raise SupernetError(f"{what} {str(p)!r} is not a regular file (a device, socket or broken link)")
     try:
         if p.stat().st_size > limit:
             raise SupernetError(f"{what} {str(p)!r} is larger than {limit >> 20} MiB")
@@ -166,6 +173,8 @@ def read_json(what: str, path: str | Path):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise SupernetError(f"{what} {str(path)!r} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise SupernetError(f"{what} {str(path)!r} nests its values too deeply to be read") from None
 
 
 def read_yaml(what: str, path: str | Path):

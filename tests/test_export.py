@@ -344,7 +344,7 @@ def test_existing_directories(tmp_path):
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (foreign / "notes.txt").read_text() == "keep me"
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    with pytest.raises(SupernetError, match="not a directory"):
+    with pytest.raises(SupernetError, match="exists and is not a folder"):
         export_merged(net, cfg, a_file, batches=inputs)
     assert a_file.read_text() == "x"
 

@@ -13,6 +13,7 @@ import pytest
 
 from supernet import plots
 from supernet.errors import SupernetError
+from supernet.files import LEDGER
 from supernet.search import SearchSettings, hypervolume, run_search
 from supernet.space import SearchSpace
 
@@ -101,7 +102,8 @@ def test_every_figure_is_a_valid_png_with_its_csv(run, written):
     expected = {f"search_progress_{n}" for n in SEARCHES} | {"hypervolume", "training"}
     assert {p.name for p in written} == {f"{s}.{ext}" for s in expected for ext in ("png", "csv")}
     assert all(p.parent == out for p in written)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)  # no temporary files left
+    # no temporary files left; the ledger lists what supernet wrote
+    assert sorted(p.name for p in out.iterdir()) == sorted([LEDGER, *(p.name for p in written)])
     for p in written:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -188,7 +190,7 @@ def test_search_option_restricts_the_output(run, tmp_path):
     files = plots.plot_run(run, search="random-acc-macs-s0", out=tmp_path / "one")
     assert sorted(p.name for p in files) == ["search_progress_random-acc-macs-s0.csv",
                                              "search_progress_random-acc-macs-s0.png"]
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in files)
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted([LEDGER, *(p.name for p in files)])
     frame = pd.read_csv(files[1] if files[1].suffix == ".csv" else files[0])
     assert set(frame["series"]) == {"evaluation", "midpoint", "allocator"}  # references from the other searches
 

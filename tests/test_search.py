@@ -280,8 +280,9 @@ def test_three_objectives_with_a_constraint(tmp_path, algorithm):
 
 
 def test_no_feasible_configuration_is_an_error(tmp_path):
-    with pytest.raises(SupernetError, match="no configuration that satisfies the constraint macs<=1"):
+    with pytest.raises(SupernetError, match="no configuration satisfies the constraint macs<=1 .*nothing was written"):
         search(tmp_path, algorithm="random", constraint="macs<=1")
+    assert not (tmp_path / "s").exists()  # refused before anything is written: the name stays free
 
 
 def test_grid_visits_every_configuration_once_in_order(tmp_path):
@@ -392,7 +393,8 @@ def test_bad_settings(settings, message):
     ({"algorithm": "allocator", "budget": ("macs", 1.0)}, "below the minimum configuration"),
     ({"algorithm": "allocator", "budget": ("flops", 1e9)}, "unknown budget metric 'flops'"),
     ({"constraint": "flops<=1e9"}, "constraint on 'flops'"),
-    ({"algorithm": "midpoint", "constraint": "macs<=1"}, "midpoint violates the constraint"),
+    ({"algorithm": "midpoint", "constraint": "macs<=1.3e6"}, "midpoint violates the constraint"),
+    ({"algorithm": "nsga2", "constraint": "macs<=1"}, "no configuration satisfies the constraint macs<=1"),
 ])
 def test_bad_search_input_writes_nothing(tmp_path, settings, message):
     with pytest.raises(SupernetError, match=message):

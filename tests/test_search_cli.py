@@ -189,7 +189,7 @@ def test_export_pareto_and_best(capsys, trained_run, tmp_path):
     assert code == 0, err
     index = pd.read_csv(tmp_path / "front" / "index.csv")
     assert sorted(index["name"]) == sorted(front["index"]) and len(list((tmp_path / "front").iterdir())) == len(
-        front) + 1
+        front) + 2  # the members, index.csv and manifest.json
     limit = float(front["macs"].median())
     code, out, err = cli(capsys, "export", "--run", trained_run, "--subnet", "best", "--search", "a",
                          "--constraint", f"macs<={limit}", "--out", tmp_path / "best")
