@@ -131,10 +131,85 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_options_file(path: str) -> dict:
+    """The training options of a YAML (or JSON) file, keys with ``_`` for ``-``.
+
+    YAML 1.1 reads some unquoted text as other types: ``2:4`` is the base-60 number 124, ``yes``
+    a boolean, ``0x1F`` the number 31. An option that must be a string is refused when YAML's
+    reading would change the text the user wrote, with that text and how to quote it; text that
+    survives (``2020``, ``2024-01-01``) or names one of the option's choices (``mixed-precision:
+    no``) is kept as written.
+
+    Raises:
+        SupernetError: unreadable file, not a mapping, or a string option YAML read as another type.
+    """
+    import dataclasses
+
+    import yaml
+
+    from supernet.loader import TrainConfig
+
     data = validate.read_yaml("config file", path)
     if not isinstance(data, dict):
         raise SupernetError(f"config file {path!r} must hold a mapping of options")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    options = {str(k).replace("-", "_"): v for k, v in data.items()}
+    try:  # the composed node tree keeps each scalar's text as written (read_yaml parsed it already)
+        root = yaml.compose(validate.read_text("config file", path), Loader=yaml.SafeLoader)
+    except yaml.YAMLError:  # pragma: no cover - the file changed since read_yaml parsed it
+        return options
+    if not isinstance(root, yaml.MappingNode):
+        return options
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    choices = {flag.replace("-", "_"): kw["choices"] for flag, kw in TRAIN_FLAGS if "choices" in kw}
+    for key_node, value_node in root.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = key_node.value
+        name = key.replace("-", "_")
+        if not kinds.get(name, "").startswith(("str", "list[str]")):
+            continue
+        for node, top in _yaml_scalars(value_node):
+            if node.tag not in _YAML_NON_STRINGS:  # strings, nulls (optional options) and explicit tags
+                continue
+            value = yaml.constructor.SafeConstructor().construct_object(node)
+            if node.value == str(value) or node.value in choices.get(name, ()):
+                if top:
+                    options[name] = node.value  # kept as the user wrote it: a date would fail as a date
+                continue
+            where = f"{key}: " if top else ""
+            raise SupernetError(f"config file {path!r}: {key}: YAML read {node.value} as {_yaml_kind(value)}; "
+                                f"quote it: {where}{json.dumps(node.value)}")
+    return options
+
+
+_YAML_NON_STRINGS = {f"tag:yaml.org,2002:{t}" for t in ("int", "float", "bool", "timestamp")}
+
+
+def _yaml_scalars(node, top: bool = True):
+    """Every scalar node under ``node`` (keys and values), with whether it is ``node`` itself."""
+    import yaml
+
+    if isinstance(node, yaml.ScalarNode):
+        yield node, top
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            yield from _yaml_scalars(item, False)
+    elif isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            yield from _yaml_scalars(k, False)
+            yield from _yaml_scalars(v, False)
+
+
+def _yaml_kind(value) -> str:
+    """What YAML made of a scalar, in words: ``the number 124``, ``the boolean True``."""
+    import datetime
+
+    if isinstance(value, bool):
+        return f"the boolean {value}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return f"the date {value.isoformat()}"
+    return f"a {type(value).__name__} ({value!r})"
 
 
 def cmd_train(args: argparse.Namespace) -> int:

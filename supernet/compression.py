@@ -5,11 +5,13 @@ The maths are the pure functions of :mod:`supernet.compress`; this module applie
 model's target layers. The masks are the one thing that depends on calibration data and
 floating-point reduction order, so a run stores them (bit-packed, ``compression.safetensors``)
 and every later ``eval``/``search``/``export``/``--resume`` reuses them; the quantisation grid is
-a deterministic function of the pruned weight and is recomputed.
+a deterministic function of the pruned weight and is recomputed. The run's ``config.json`` records
+a fingerprint of its masks (:func:`masks_fingerprint`), so that a mask file of another run is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -155,15 +157,51 @@ def make_bases(targets: Mapping[str, nn.Module], masks: Mapping[str, torch.Tenso
     return bases
 
 
-def save_masks(path: Path, masks: Mapping[str, torch.Tensor]) -> None:
-    """Bit-packed masks (one bit per weight) with their shapes in the metadata; written atomically."""
-    packed = {n: torch.from_numpy(np.packbits(m.numpy().astype(bool), axis=1)) for n, m in masks.items()}
+def _packed(mask: torch.Tensor) -> np.ndarray:
+    """One bit per weight, each row padded to whole bytes (the layout of the mask file)."""
+    return np.packbits(mask.detach().cpu().numpy().astype(bool), axis=1)
+
+
+def masks_fingerprint(masks: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of the masks' names, shapes and bits, in name order.
+
+    It hashes the content, not the file's bytes, so that it does not depend on how safetensors
+    lays out (or a later version re-lays out) the same masks.
+    """
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        # the JSON header is unambiguous, and the shape fixes how many packed bytes follow it
+        h.update(json.dumps([name, list(masks[name].shape)]).encode())
+        h.update(_packed(masks[name]).tobytes())
+    return h.hexdigest()
+
+
+def save_masks(path: Path, masks: Mapping[str, torch.Tensor]) -> str:
+    """Bit-packed masks (one bit per weight) with their shapes in the metadata; written atomically.
+
+    Returns:
+        The masks' :func:`masks_fingerprint`, for the run's ``config.json``.
+    """
+    packed = {n: torch.from_numpy(_packed(m)) for n, m in masks.items()}
     shapes = {n: list(m.shape) for n, m in masks.items()}
     save_tensors(path, packed, metadata={"shapes": json.dumps(shapes)})
+    return masks_fingerprint(masks)
 
 
-def load_masks(path: Path, targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Masks saved by :func:`save_masks`, checked against the target layers."""
+def load_masks(path: Path, targets: Mapping[str, nn.Module], fingerprint: str | None = None) -> dict[str, torch.Tensor]:
+    """Masks saved by :func:`save_masks`, checked against the target layers.
+
+    Args:
+        path: the run's mask file.
+        targets: the layers the masks belong to (names and shapes are checked).
+        fingerprint: the :func:`masks_fingerprint` the run recorded when it saved its masks; the
+            loaded masks must have it. None (a run written before fingerprints were recorded)
+            skips the check: nothing is known to compare with.
+
+    Raises:
+        SupernetError: the file is missing, unreadable, does not fit the layers, or holds
+            masks other than the run's own.
+    """
     if not path.is_file():
         raise SupernetError(f"{str(path)!r} is missing: the run's pruning masks cannot be rebuilt without it")
     try:
@@ -185,4 +223,8 @@ def load_masks(path: Path, targets: Mapping[str, nn.Module]) -> dict[str, torch.
     except Exception as e:  # a truncated or foreign file
         raise SupernetError(f"cannot read {str(path)!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from None
+    if fingerprint is not None and masks_fingerprint(masks) != fingerprint:
+        # e.g. copied from another run: every number computed on these masks would be wrong
+        raise SupernetError(f"{str(path)!r} does not belong to this run: its pruning masks differ from the ones "
+                            "the run recorded in config.json (was it copied from another run?)")
     return masks

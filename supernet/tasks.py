@@ -51,12 +51,14 @@ def encode(data: TaskData, tokenizer, task: str, max_length: int) -> Encoded:
     answers = [] if data.has_choices else [
         tokenizer(a, add_special_tokens=False)["input_ids"] for a in data.answer_words()
     ]
+    if not data.has_choices:
+        check_distinct_answers(data.answer_words(), answers, "answers")
 
     longest_answer = max((len(a) for a in answers), default=0)
     if longest_answer >= max_length:
         raise SupernetError(f"--max-length {max_length} leaves no room for the prompt before the answer")
 
-    def fn_lm(batch):
+    def fn_lm(batch, indices, split):
         prompts = [data.prompt.format(text=t) for t in batch["text"]]
         ids = tokenizer(prompts)["input_ids"]
         out = {"labels": batch["label"]}
@@ -65,6 +67,10 @@ def encode(data: TaskData, tokenizer, task: str, max_length: int) -> Encoded:
                 [tokenizer(" " + c.strip(), add_special_tokens=False)["input_ids"] for c in cs]
                 for cs in batch["choices"]
             ]
+            for i, text, cs, cids in zip(indices, batch["text"], batch["choices"], out["choice_ids"], strict=True):
+                # a file's examples are shuffled into the splits: the text helps find the row
+                quoted = repr(text if len(text) <= 40 else text[:40] + "...")
+                check_distinct_answers(cs, cids, "choices", f"example {i} of the {split} split ({quoted}): ")
             longest = [max(len(a) for a in cs) for cs in out["choice_ids"]]
             if max(longest) >= max_length:
                 raise SupernetError(f"--max-length {max_length} leaves no room for the prompt before an answer")
@@ -73,8 +79,37 @@ def encode(data: TaskData, tokenizer, task: str, max_length: int) -> Encoded:
         out["prompt_ids"] = [p[-(max_length - n):] for p, n in zip(ids, longest, strict=True)]  # keep the end
         return out
 
-    splits = {k: v.map(fn_lm, batched=True, remove_columns=v.column_names) for k, v in data.splits.items()}
+    splits = {k: v.map(fn_lm, batched=True, with_indices=True, fn_kwargs={"split": k}, remove_columns=v.column_names)
+              for k, v in data.splits.items()}
     return Encoded(task, splits, tokenizer.pad_token_id, answers, len(data.label_names))
+
+
+def check_distinct_answers(words: list[str], ids: list[list[int]], kind: str, where: str = "") -> None:
+    """Refuse answers that a causal LM could not tell apart.
+
+    Answers are scored by the log-likelihood of their tokens, so two answers with the same
+    token ids (words outside the vocabulary both become ``[UNK]``) always tie, the tie going
+    to the first, and training on them cannot lower the loss below ln 2; an answer with no
+    tokens at all has nothing to score.
+
+    Args:
+        words: the answers as written.
+        ids: the token ids of each answer.
+        kind: what the answers are, in the message: ``answers`` or ``choices``.
+        where: prefix naming the example, for per-example choices.
+
+    Raises:
+        SupernetError: naming the answer(s) and their ids.
+    """
+    seen: dict[tuple[int, ...], int] = {}
+    for k, (word, tokens) in enumerate(zip(words, ids, strict=True)):
+        if not tokens:
+            raise SupernetError(f"{where}{kind.removesuffix('s')} {word.strip()!r} tokenizes to no tokens; "
+                                "choose answer words the tokenizer can read")
+        first = seen.setdefault(tuple(tokens), k)
+        if first != k:
+            raise SupernetError(f"{where}{kind} {words[first].strip()!r} and {word.strip()!r} both tokenize to "
+                                f"{list(tokens)}; choose answer words the tokenizer tells apart")
 
 
 def rows_of(ds: Dataset, indices) -> list[dict]:

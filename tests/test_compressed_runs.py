@@ -212,7 +212,9 @@ def test_a_compressed_run_records_and_rebuilds_its_base(qa_run, tmp_path, monkey
     copy = tmp_path / "copy"
     shutil.copytree(qa_run, copy)
     other = {n: torch.rand(a.out_features, a.in_features) < 0.3 for n, a in setup.net.adapters.items()}
-    save_masks(copy / MASKS, other)
+    record = json.loads((copy / "config.json").read_text())  # recorded as the run's own masks
+    record["bases"]["masks_sha256"] = save_masks(copy / MASKS, other)
+    (copy / "config.json").write_text(json.dumps(record))
     monkeypatch.setattr(supernet.loader, "compute_masks", lambda *a, **k: pytest.fail("calibrated again"))
     rebuilt, _ = load_run(copy)
     assert all(torch.equal(rebuilt.net.adapters[n].base.mask(), m) for n, m in other.items())
@@ -296,3 +298,47 @@ def test_a_compressed_run_resumes_exactly(tiny_bert_dir, tiny_csv, tmp_path, mon
     b = runio.load_tensors(tmp_path / "broken" / runio.ADAPTER)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "full" / MASKS).read_bytes() == (tmp_path / "broken" / MASKS).read_bytes()
+
+
+def test_masks_of_another_run_are_refused(capsys, tiny_train_args, tmp_path):
+    """A ``compression.safetensors`` copied from another run is refused by eval and --resume; a run
+    recorded before fingerprints existed (none in its config.json) still loads its masks."""
+    import shutil
+
+    def pruned(name, *extra):
+        code, _, err = cli(capsys, "train", *tiny_train_args, "--name", name, "--sparsity", "0.5", "--max-steps",
+                           "2", "--eval-every", "2", "--save-every", "2", *extra)
+        assert code == 0, err
+        return tmp_path / "runs" / name
+
+    a = pruned("a", "--prune", "magnitude")
+    b = pruned("b", "--prune", "wanda", "--calibration-samples", "16")
+    with safe_open(str(a / MASKS), "pt") as fa, safe_open(str(b / MASKS), "pt") as fb:
+        assert fa.keys() == fb.keys()
+        assert any(not torch.equal(fa.get_tensor(n), fb.get_tensor(n)) for n in fa.keys())  # really other masks
+    code, out, err = cli(capsys, "eval", "--run", a, "--split", "validation")
+    assert code == 0, err
+    own = json.loads(out.strip().splitlines()[-1])
+
+    mine = (a / MASKS).read_bytes()
+    shutil.copy(b / MASKS, a / MASKS)
+    for argv in (["eval", "--run", a], ["train", "--resume", a, "--max-steps", "4"]):
+        code, _, err = cli(capsys, *argv)
+        assert_refused(code, err, "does not belong to this run")
+        assert MASKS in err
+    assert json.loads((a / runio.CHECKPOINT / "state.json").read_text())["step"] == 2  # nothing trained
+
+    # a run written before fingerprints were recorded: no check possible, its masks load as they are
+    (a / MASKS).write_bytes(mine)
+    record = json.loads((a / "config.json").read_text())
+    fingerprints = [k for k in record["bases"] if "mask" in k]
+    assert fingerprints
+    for k in fingerprints:
+        del record["bases"][k]
+    (a / "config.json").write_text(json.dumps(record))
+    code, out, err = cli(capsys, "eval", "--run", a, "--split", "validation")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1]) == own
+    code, _, err = cli(capsys, "train", "--resume", a, "--max-steps", "4")
+    assert code == 0, err
+    assert all(k in json.loads((a / "config.json").read_text())["bases"] for k in fingerprints)  # recorded now

@@ -383,3 +383,51 @@ def test_file_system_refusals_end_as_one_line(capsys, tiny_train_args, tmp_path,
     code, _, err = cli(capsys, "train", *tiny_train_args, "--name", "ro")
     assert_refused(code, err, "Permission denied")
     assert not (tmp_path / "runs" / "ro").exists()
+
+
+# ------------------------------------------------------------------------------------ answers and options files
+def test_answers_the_tokenizer_cannot_tell_apart(capsys, tiny_llama_dir, tmp_path):
+    """Two labels whose answer words tokenize to the same ids would train on loss ln 2 with every
+    prediction a tie: refused, naming both; so are two such choices of one multiple-choice example."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = [tok(" " + w, add_special_tokens=False)["input_ids"] for w in ("☃", "☄")]
+    assert ids[0] == ids[1]  # both unknown to MiniLM's vocabulary: [UNK]
+    args = ["--model", tiny_llama_dir, "--ranks", "4,2", "--max-steps", "2", "--batch-size", "8",
+            "--max-length", "16", "--eval-samples", "8", "--out", tmp_path / "runs"]
+    data = _write(tmp_path / "snow.csv", _rows(lambda i: "☃" if i % 2 else "☄"))
+    code, _, err = cli(capsys, "train", *args, "--dataset", data, "--name", "snow")
+    assert_refused(code, err, "both tokenize to")
+    assert "☃" in err and "☄" in err and str(ids[0]) in err
+
+    rows = [{"q": f"question {i}", "opts": ["sun", "moon", "star"], "gold": i % 3} for i in range(40)]
+    rows[5]["opts"] = ["sun", "☃", "☄"]
+    mc = _write(tmp_path / "mc.jsonl", rows)
+    code, _, err = cli(capsys, "train", *args, "--dataset", mc, "--text-column", "q", "--label-column", "gold",
+                       "--choices-column", "opts", "--name", "mc")
+    assert_refused(code, err, "both tokenize to")
+    assert "☃" in err and "☄" in err and "example" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_yaml_misreadings_of_string_options(capsys, tiny_train_args, tmp_path):
+    """YAML 1.1 reads ``2:4`` as the base-60 number 124 and ``yes`` as a boolean: an option that must
+    be a string is refused with what YAML read and how to quote it; quoted, it is accepted."""
+    cfg = tmp_path / "run.yaml"
+    for text, shown in [("pattern: 2:4\nsparsity: 0.5\n", 'YAML read 2:4 as the number 124; quote it: pattern: "2:4"'),
+                        ("name: yes\n", 'YAML read yes as the boolean True; quote it: name: "yes"'),
+                        ("prune: 0x1F\n", 'quote it: prune: "0x1F"'),
+                        ("target-modules: [query, on]\n", 'YAML read on as the boolean True; quote it: "on"')]:
+        cfg.write_text(text)
+        code, _, err = cli(capsys, "train", "--config", cfg, *tiny_train_args, "--name", "y")
+        assert_refused(code, err, shown)
+        assert "run.yaml" in err
+    assert not (tmp_path / "runs").exists()
+    for name, text in [("quoted.yaml", 'pattern: "2:4"\nsparsity: 0.5\ncalibration-samples: 16\n'),
+                       ("plain.json", json.dumps({"pattern": "2:4", "sparsity": 0.5, "calibration_samples": 16}))]:
+        cfg = tmp_path / name
+        cfg.write_text(text)
+        code, _, err = cli(capsys, "train", "--config", cfg, *tiny_train_args, "--name", cfg.stem, "--max-steps", "1")
+        assert code == 0, err
+        assert json.loads((tmp_path / "runs" / cfg.stem / "config.json").read_text())["train"]["pattern"] == "2:4"

@@ -116,3 +116,23 @@ def test_merged_inference_equals_the_adapter_path(arch):
     net.reset()
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, plain, atol=1e-4)  # the config mattered
+
+
+def test_answers_that_tokenize_alike_are_refused(tiny_llama_dir):
+    """Shared answers and the choices of one example must tokenize differently (else every
+    prediction is a tie); an answer that tokenizes to nothing cannot be scored at all."""
+    from supernet.errors import SupernetError
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    assert tok(" ☃", add_special_tokens=False)["input_ids"] == tok(" ☄", add_special_tokens=False)["input_ids"]
+    with pytest.raises(SupernetError, match="answers '☃' and '☄' both tokenize to"):
+        encode(_data(answers={"neg": "☃", "pos": "☄"}), tok, "causal-lm", 24)
+    with pytest.raises(SupernetError, match="tokenizes to no tokens"):
+        encode(_data(answers={"neg": "\u200b", "pos": "good"}), tok, "causal-lm", 24)
+    data = _data(choices=True)
+    rows = data.splits["train"].to_dict()
+    rows["choices"][7] = ["yes", "☃", "☄"]
+    data.splits["train"] = Dataset.from_dict(rows, features=data.splits["train"].features)
+    with pytest.raises(SupernetError, match=r"example 7 of the train split \(.*\): choices '☃' and '☄' both tokenize"):
+        encode(data, tok, "causal-lm", 24)
+    encode(_data(choices=True), tok, "causal-lm", 24)  # distinct choices pass
