@@ -27,6 +27,7 @@ from supernet.compression import (
     compute_masks,
     load_masks,
     make_bases,
+    masks_fingerprint,
     save_masks,
 )
 from supernet.data import BUILTINS, load_task_data
@@ -37,6 +38,7 @@ from supernet.tasks import Encoded, encode
 
 SAMPLERS = ("uniform", "sandwich")
 HEAD_PATTERNS = ["classifier", "score"]
+MASKS_FINGERPRINT = "masks_sha256"  # under "bases" in config.json: which mask file belongs to the run
 
 
 @dataclass
@@ -103,7 +105,7 @@ class TrainConfig:
             validate.number(_flag(name), getattr(self, name), low=0, low_open=True)
         validate.number("--sandwich-random", self.sandwich_random, low=0)
         validate.number("--weight-decay", self.weight_decay, low=0)
-        validate.number("--seed", self.seed, low=0, high=validate.SEED_MAX)
+        validate.seed("--seed", self.seed)
         validate.number("--warmup-ratio", self.warmup_ratio, low=0, high=1)
         if self.warmup_ratio >= 1:
             raise SupernetError("--warmup-ratio must be below 1")
@@ -261,7 +263,7 @@ class Setup:
 
     def save_masks(self, run_dir: Path) -> None:
         if self.masks is not None:
-            save_masks(Path(run_dir) / MASKS, self.masks)
+            save_masks(Path(run_dir) / MASKS, self.masks)  # its fingerprint is in run_record's "bases"
 
 
 def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None = None,
@@ -269,7 +271,8 @@ def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None 
     """Load model and data, compress the frozen base, inject adapters; every user error surfaces here.
 
     ``run_dir``: rebuild a recorded run, whose pruning masks are read from it rather than
-    calibrated again (calibration depends on floating-point reduction order).
+    calibrated again (calibration depends on floating-point reduction order), and must be the
+    masks its ``config.json`` recorded the fingerprint of.
     """
     set_seed(cfg.seed if seed is None else seed)
     groups = load_groups(cfg.groups)
@@ -279,7 +282,7 @@ def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None 
     data = load_task_data(cfg.dataset, cfg.text_column, cfg.label_column, cfg.prompt, cfg.choices_column)
     if data.has_choices and task != "causal-lm":
         raise SupernetError("--choices-column needs a causal-LM model (answers are scored by likelihood)")
-    model, tokenizer = load_model(cfg.model, task, num_labels=len(data.label_names))
+    model, tokenizer = load_model(cfg.model, task, labels=[str(n) for n in data.label_names])
     if cfg.train_samples is not None:
         data.splits["train"] = data.splits["train"].select(range(min(cfg.train_samples, len(data.splits["train"]))))
     sn_cfg = SuperNetConfig(
@@ -298,7 +301,8 @@ def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None 
         targets = target_layers(model, sn_cfg)
         check_layers(targets, comp)
         if comp.prunes and run_dir is not None:
-            masks = load_masks(Path(run_dir) / MASKS, targets)
+            record = runio.read_run_config(run_dir)
+            masks = load_masks(Path(run_dir) / MASKS, targets, recorded_masks_fingerprint(record))
         elif comp.prunes:
             batches = calibration_batches(enc, comp.calibration_samples, cfg.seed) if comp.calibrates else None
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -322,8 +326,17 @@ def run_record(setup: Setup) -> dict:
         "macs": {k: setup.net.macs(c, setup.cfg.max_length) for k, c in named.items()},
         "trainable_params": {k: setup.net.trainable_params(c) for k, c in named.items()},
         "size": {k: setup.net.size(c) for k, c in named.items()},
-        "bases": base_summary(setup.net),
+        "bases": {**base_summary(setup.net),
+                  **({MASKS_FINGERPRINT: masks_fingerprint(setup.masks)} if setup.masks is not None else {})},
     }
+
+
+def recorded_masks_fingerprint(record: dict) -> str | None:
+    """The fingerprint of its masks a run recorded; None for a run written before they were recorded."""
+    bases = record.get("bases")
+    value = bases.get(MASKS_FINGERPRINT) if isinstance(bases, dict) else None
+    # an edited value of another type can only fail the comparison, with the same one clear line
+    return value if value is None or isinstance(value, str) else str(value)
 
 
 def base_summary(net: SuperNetwork) -> dict:

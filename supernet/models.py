@@ -134,8 +134,11 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def load_model(name: str, task: str, num_labels: int | None = None):
+def load_model(name: str, task: str, num_labels: int | None = None, labels: list[str] | None = None):
     """Return ``(model, tokenizer)`` for ``task``; fp32 weights, pad token set.
+
+    ``labels`` (seq-cls): the class names, written into the model's ``id2label`` / ``label2id``
+    so that every model saved from it (a merged or compressed export) names its classes.
 
     Weights load from safetensors only: a checkpoint that ships only a pickled
     ``pytorch_model.bin`` is refused, since unpickling runs code from the file.
@@ -152,6 +155,9 @@ def load_model(name: str, task: str, num_labels: int | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if task == "seq-cls":
+            if labels is not None:
+                num_labels = len(labels)
+                kwargs |= {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
