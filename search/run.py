@@ -10,14 +10,12 @@ by ``supernet eval --subnet``) and, for the allocator, ``selected.json``.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from supernet.errors import SupernetError
@@ -35,7 +33,7 @@ from .strategies import STRATEGIES
 
 FORMAT = 1
 LOCK = ".lock"  # held by the one process writing a search (see :func:`supernet.files.exclusive`)
-FEASIBILITY_PROBES = 64  # random configurations checked against a constraint before a search starts
+ENUMERABLE = 4096  # a space this small is checked whole for a feasible configuration before a search starts
 
 
 @dataclass
@@ -107,19 +105,29 @@ def _check_out_dir(out_dir: Path, wanted: dict[str, Any], resume: bool) -> None:
 
 
 def _preflight(ctx: SearchContext, check: Callable[[SearchContext], None] | None) -> None:
-    """Input errors that need the cost function, before anything is written: a constraint that
-    no configuration can meet is refused here rather than after a search that evaluates nothing."""
-    if ctx.constraint is not None:
-        probes = [ctx.space.min_config(), ctx.space.max_config()]
-        rng = np.random.default_rng(0)
-        probes += [ctx.encoding.decode(rng.integers(0, ctx.encoding.upper + 1)) for _ in range(FEASIBILITY_PROBES)]
-        if all(ctx.violation(c) > 0 for c in probes):
-            smallest, largest = ctx.cost(probes[0]), ctx.cost(probes[1])
-            shown = ", ".join(f"{m} {smallest.get(m, math.nan):.4g} to {largest.get(m, math.nan):.4g}"
-                              for m in ctx.constraint.metrics)
-            raise SupernetError(f"no configuration satisfies the constraint {ctx.constraint} (the smallest, the "
-                                f"largest and {FEASIBILITY_PROBES} random ones were checked; {shown}); nothing was "
-                                "written")
+    """Input errors that need the cost function, before anything is written.
+
+    A constraint that no configuration can meet is refused here rather than after a search that
+    evaluates nothing, where that is certain: a space small enough to enumerate is checked
+    configuration by configuration; in a larger one a bound that the most favourable extreme
+    violates (the smallest configuration for ``<=``/``<``, the largest for ``>=``/``>``) cannot be
+    met, since every cost (MACs, parameters, bytes) grows with every choice. Anything else is
+    left to the search, which leaves nothing behind if it evaluates nothing.
+    """
+    constraint = ctx.constraint
+    if constraint is not None:
+        smallest, largest = ctx.space.min_config(), ctx.space.max_config()
+        ctx.violation(smallest)  # needs a cost function giving every constrained metric
+        if ctx.encoding.size <= ENUMERABLE:
+            impossible = all(ctx.violation(c) > 0 for c in ctx.encoding.all_configs())
+        else:
+            impossible = any(b.violation(ctx.cost(smallest if b.op in ("<=", "<") else largest)) > 0
+                             for b in constraint.bounds)
+        if impossible:
+            low, high = ctx.cost(smallest), ctx.cost(largest)
+            shown = ", ".join(f"{m} {low[m]:.4g} to {high[m]:.4g}" for m in dict.fromkeys(constraint.metrics))
+            raise SupernetError(f"no configuration satisfies the constraint {constraint} (from the smallest to the "
+                                f"largest configuration: {shown}); nothing was written")
     if check is not None:
         check(ctx)
 
@@ -176,30 +184,28 @@ def _search(space, evaluate, cost, out_dir: Path, settings: SearchSettings, stra
         _preflight(ctx, strategy.check)
         if resume:
             strategy.run(ctx)
-        else:
-            created = not out_dir.exists()
-            out_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                with exclusive(out_dir / LOCK, f"search {str(out_dir)!r}"):
-                    _check_out_dir(out_dir, wanted, resume)  # another process may have started it meanwhile
-                    try:
-                        write_atomic(out_dir / "search.json", json.dumps(wanted, indent=2) + "\n")
-                        strategy.run(ctx)
-                        if not ctx.records:
-                            raise SupernetError("the search found no configuration that satisfies the constraint "
-                                                f"{ctx.constraint}; nothing was written")
-                    except BaseException:
-                        if not history.path.is_file():  # nothing evaluated: remove what this search wrote
-                            _discard(out_dir)
-                        raise
-            finally:
-                if created and not any(out_dir.iterdir()):
-                    out_dir.rmdir()
+            return _finish(ctx, out_dir)
+        created = not out_dir.exists()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with exclusive(out_dir / LOCK, f"search {str(out_dir)!r}"):  # through pareto.csv and subnets/
+                _check_out_dir(out_dir, wanted, resume)  # another process may have started it meanwhile
+                try:
+                    write_atomic(out_dir / "search.json", json.dumps(wanted, indent=2) + "\n")
+                    strategy.run(ctx)
+                    if not ctx.records:
+                        raise SupernetError("the search found no configuration that satisfies the constraint "
+                                            f"{ctx.constraint}; nothing was written")
+                except BaseException:
+                    if not history.path.is_file():  # nothing evaluated: remove what this search wrote
+                        _discard(out_dir)
+                    raise
+                return _finish(ctx, out_dir)
+        finally:
+            if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()
     finally:
         ctx.close()
-    if not ctx.records:
-        raise SupernetError(f"the search found no configuration that satisfies the constraint {ctx.constraint}")
-    return _finish(ctx, out_dir)
 
 
 def _discard(out_dir: Path) -> None:

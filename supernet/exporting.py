@@ -153,7 +153,7 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
     default = run_dir / "exports" / f"{label}-{fmt}"
     target = Path(out) if out is not None else default
     files.check_clear_of("--out", target, runio.paths_in_use(run_dir, record), f"run {str(run_dir)!r}")
-    check_export_target(target, overwrite)
+    check_export_target(target, overwrite, pareto=pareto)
     validate.writable_dir("--out", target)
 
     setup, _ = load_run(run_dir)
@@ -174,7 +174,7 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
     if not pareto:
         written = [one(*jobs[0], target)]
     else:  # the whole front is staged in one folder and swapped in at the end: all members or none
-        with staging_dir(target) as staging:
+        with staging_dir(target, pareto=True) as staging:
             written = [one(name, config, row, staging / name) for name, config, row in jobs]
             write_atomic(staging / "index.csv", pd.DataFrame(written).to_csv(index=False))
             write_json(staging / MANIFEST, {MARKER: FORMAT_VERSION, "pareto": True, "format": fmt, "source": source,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,18 +30,26 @@ _CHUNK = 1 << 20
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through ``path.tmp`` and a rename (the temporary file never outlives a failure)."""
+    """Write ``data`` to ``path`` through a new, uniquely named temporary sibling and a rename.
+
+    The temporary name is fresh (created exclusively), so a user's own ``NAME.tmp`` is never
+    touched, and the temporary file never outlives a failure.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data)
+        with open(tmp, "xb") as f:
+            f.write(raw)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if os.path.lexists(tmp):
+            tmp.unlink()
     return path
+
+
+def _digest(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def fingerprint(path: str | os.PathLike) -> dict:
@@ -70,15 +79,23 @@ def tree(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def unchanged(folder: Path, name: str, recorded: Mapping[str, dict]) -> bool:
+def _versions(entry) -> list[dict]:
+    """The fingerprints a ledger entry accepts (a dict, or a list while a write is under way)."""
+    entries = entry if isinstance(entry, list) else [entry]
+    return [e for e in entries if isinstance(e, dict)]
+
+
+def unchanged(folder: Path, name: str, recorded: Mapping[str, dict | list]) -> bool:
     """Whether ``folder/name`` is a regular file that ``recorded`` lists with its present size and hash."""
     path = folder / name
-    want = recorded.get(name)
-    if not isinstance(want, dict) or path.is_symlink() or not path.is_file():
+    wanted = _versions(recorded.get(name))
+    if not wanted or path.is_symlink() or not path.is_file():
         return False
-    if want.get("bytes") != path.stat().st_size:
+    size = path.stat().st_size
+    if all(w.get("bytes") != size for w in wanted):
         return False
-    return fingerprint(path) == {"bytes": want.get("bytes"), "sha256": want.get("sha256")}
+    now = fingerprint(path)
+    return any(now == {"bytes": w.get("bytes"), "sha256": w.get("sha256")} for w in wanted)
 
 
 def describe(folder: Path, names: list[str]) -> str:
@@ -114,11 +131,30 @@ def refuse_foreign(flag: str, folder: Path, names: Iterable[str], recorded: Mapp
                             "folder")
 
 
+def _write_ledger(folder: Path, files: Mapping[str, dict | list]) -> None:
+    write_atomic(folder / LEDGER, json.dumps({"written_by": "supernet", "files": dict(files)}, indent=2,
+                                             sort_keys=True) + "\n")
+
+
+def write_owned(folder: Path, name: str, data: str | bytes) -> Path:
+    """Write ``folder/name`` atomically and record it in the folder's ledger, crash-safe.
+
+    The new fingerprint joins the old one in the ledger before the file is renamed into place,
+    and replaces it after; a kill at any point leaves a file the ledger accepts (old or new), so
+    a later run never takes supernet's own file for a user's. Call :func:`refuse_foreign` first.
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    recorded = read_ledger(folder)
+    new = _digest(raw)
+    _write_ledger(folder, {**recorded, name: [*_versions(recorded.get(name))[-1:], new]})
+    path = write_atomic(folder / name, raw)
+    _write_ledger(folder, {**read_ledger(folder), name: new})
+    return path
+
+
 def record(folder: Path, names: Iterable[str]) -> None:
     """Add the files ``names`` of ``folder`` (just written by supernet) to its ledger."""
-    files = read_ledger(folder) | fingerprints(folder, names)
-    write_atomic(folder / LEDGER, json.dumps({"written_by": "supernet", "files": files}, indent=2, sort_keys=True)
-                 + "\n")
+    _write_ledger(folder, read_ledger(folder) | fingerprints(folder, names))
 
 
 # ----------------------------------------------------------------------------- files in use

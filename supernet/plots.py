@@ -305,12 +305,12 @@ def progress_frame(search: Search, searches: Sequence[Search], mid: dict | None)
 
 # ----------------------------------------------------------------------------- writing
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:
-    """``frame`` to ``path`` without the index, atomically."""
-    return files.write_atomic(path, frame.to_csv(index=False))
+    """``frame`` to ``path`` without the index, atomically, recorded in the folder's ledger."""
+    return files.write_owned(path.parent, path.name, frame.to_csv(index=False))
 
 
 def write_png(fig, path: Path) -> Path:
-    """Save and close a figure as a PNG at ``DPI``, atomically."""
+    """Save and close a figure as a PNG at ``DPI``, atomically, recorded in the folder's ledger."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -319,7 +319,7 @@ def write_png(fig, path: Path) -> Path:
         fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return files.write_atomic(path, buffer.getvalue())
+    return files.write_owned(path.parent, path.name, buffer.getvalue())
 
 
 def _pyplot():
@@ -582,6 +582,10 @@ def plot_run(run_dir: str | Path, search: str | None = None, out: str | Path | N
     if not targets and training is None:
         raise SupernetError(f"nothing to plot in {str(run_dir)!r}: no train_log.csv and no searches")
     out_dir = validate.writable_dir("--out", out if out is not None else run_dir / PLOTS_DIR)
+    if out is not None and Path(out).resolve() != (run_dir / PLOTS_DIR).resolve():
+        from supernet.run import paths_in_use
+
+        files.check_clear_of("--out", out_dir, paths_in_use(run_dir, record), f"run {str(run_dir)!r}")
     mid = mid_config(record)
     # Everything is computed before anything is written: (name, frame, draw) per figure.
     figures = []
@@ -603,7 +607,6 @@ def plot_run(run_dir: str | Path, search: str | None = None, out: str | Path | N
     written: list[Path] = []
     for name, frame, draw in figures:
         written += [draw(frame, out_dir / f"{name}.png"), write_csv(frame, out_dir / f"{name}.csv")]
-    files.record(out_dir, [p.name for p in written])
     return written
 
 

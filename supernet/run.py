@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -53,9 +54,40 @@ def check_replaceable(run_dir: Path, keep: list[Path]) -> None:
             raise SupernetError(f"--overwrite refuses to delete {str(run_dir)!r}: it holds {str(k)!r}, "
                                 "which this run reads")
     foreign = sorted(e.name for e in run_dir.iterdir() if not _own(e))
+    foreign += _foreign_outputs(run_dir)
     if foreign:
         raise SupernetError(f"--overwrite refuses to delete {str(run_dir)!r}: it holds {foreign[0]!r}, "
-                            "which supernet did not write")
+                            "which supernet did not write (or which changed since)")
+
+
+SEARCH_FILES = re.compile(r"search\.json|history\.csv|pareto\.csv|selected\.json|\.lock|subnets/\d+\.json|.*\.tmp")
+PLOT_FILES = re.compile(r"(search_progress_.+|hypervolume|training)\.(png|csv)|.*\.tmp")
+
+
+def _foreign_outputs(run_dir: Path) -> list[str]:
+    """What a user put among the run's searches, exports and plots (``--overwrite`` deletes those
+    folders whole): anything a search does not write, an export's foreign entries, a plot file the
+    plots ledger does not list (or, with no ledger, that is not named as a plot)."""
+    from supernet import files
+    from supernet.export import foreign_entries
+
+    out = []
+    search, exports, plots = run_dir / "search", run_dir / "exports", run_dir / "plots"
+    for d in sorted(search.iterdir()) if search.is_dir() else []:
+        names = files.tree(d) if d.is_dir() and not d.is_symlink() else [""]
+        out += [f"search/{d.name}/{n}".rstrip("/") for n in names if not SEARCH_FILES.fullmatch(n)]
+    for d in sorted(exports.iterdir()) if exports.is_dir() else []:
+        found = foreign_entries(d, pareto=True) if d.is_dir() and not d.is_symlink() else None
+        out += [f"exports/{d.name}"] if found is None else [f"exports/{d.name}/{n}" for n in found]
+    if plots.is_dir():
+        recorded = files.read_ledger(plots)
+        for n in files.tree(plots):
+            if n == files.LEDGER:
+                continue
+            ours = n.endswith(".tmp") or (files.unchanged(plots, n, recorded) if recorded
+                                          else bool(PLOT_FILES.fullmatch(n)))
+            out += [] if ours else [f"plots/{n}"]
+    return out
 
 
 def remove_run(run_dir: Path) -> None:

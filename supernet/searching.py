@@ -120,10 +120,20 @@ def run_search_command(run_dir: str | Path, settings: SearchSettings | None, nam
                                                                      "seq_len": record["train"]["max_length"]}})
     out_dir = search_dir(run_dir, name or default_name(settings))
     _precheck(out_dir, settings, resume)
-    if resume and rank == 0:  # one writer: a second resume of this search is refused before the model loads
-        with exclusive(out_dir / LOCK, f"search {out_dir.name!r}"):
+    if rank != 0:
+        return _search_run(run_dir, settings, out_dir, resume, eval_samples, batch_size, progress, rank, world)
+    # One writer per search, from before the model loads to the last file of the final evaluation:
+    # a second search or resume of this name is refused at once.
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir / LOCK, f"search {out_dir.name!r}"):
+        try:
             return _search_run(run_dir, settings, out_dir, resume, eval_samples, batch_size, progress, rank, world)
-    return _search_run(run_dir, settings, out_dir, resume, eval_samples, batch_size, progress, rank, world)
+        finally:
+            if created and not (out_dir / "search.json").is_file():  # a new search that wrote nothing
+                (out_dir / LOCK).unlink(missing_ok=True)
+                if not any(out_dir.iterdir()):
+                    out_dir.rmdir()
 
 
 def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, eval_samples: int, batch_size: int,
@@ -155,7 +165,7 @@ def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, 
     _barrier(world)
     if rank != 0:
         return {}
-    with exclusive(out_dir / LOCK, f"search {out_dir.name!r}"):  # held already when resuming
+    with exclusive(out_dir / LOCK, f"search {out_dir.name!r}"):  # held already (re-entrant)
         front = final_evaluation(setup, result.pareto, batch_size, device, progress)
         write_atomic(out_dir / "pareto.csv", front.to_csv(index=False))
         for row in front.to_dict(orient="records"):
@@ -198,7 +208,7 @@ def _precheck(out_dir: Path, settings: SearchSettings, resume: bool) -> None:
     path = out_dir / "search.json"
     if resume and not path.is_file():
         raise SupernetError(f"no search to resume at {str(out_dir)!r} (no search.json)")
-    if not resume and out_dir.exists():
+    if not resume and out_dir.exists() and any(p.name != LOCK for p in out_dir.iterdir()):
         if path.is_file():
             old = saved_settings(out_dir)
             if old.to_json() != settings.to_json():

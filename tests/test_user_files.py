@@ -358,3 +358,109 @@ def test_merged_export_names_the_classes(capsys, run, tmp_path):
     assert config["label2id"] == {n: i for i, n in enumerate(labels)}
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert manifest["metadata"]["labels"] == labels
+
+
+# ----------------------------------------------------------------------------- found in review
+def test_a_user_folder_with_an_index_csv_is_not_taken_for_an_export(capsys, run, tmp_path):
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "index.csv").write_text("my,own\n1,2\n")
+    (mine / "README.md").write_text("notes")
+    for argv in (["--subnet", "min"], ["--pareto", "--search", "a"]):
+        code, _, err = cli(capsys, "export", "--run", run, *argv, "--out", mine, "--overwrite")
+        assert_refused(code, err, "is not a supernet export")
+    assert sorted(p.name for p in mine.iterdir()) == ["README.md", "index.csv"]
+
+
+def test_a_file_that_appears_while_the_export_runs_is_kept(capsys, run, tmp_path, monkeypatch):
+    import supernet.export as export_module
+
+    out = tmp_path / "export"
+    assert cli(capsys, "export", "--run", run, "--subnet", "min", "--out", out)[0] == 0
+    verify = export_module.verify_merged
+
+    def verify_and_meddle(*args, **kwargs):
+        (out / "notes.txt").write_text("written meanwhile")
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "verify_merged", verify_and_meddle)
+    code, _, err = cli(capsys, "export", "--run", run, "--subnet", "max", "--out", out, "--overwrite")
+    assert_refused(code, err, "'notes.txt'")
+    assert (out / "notes.txt").read_text() == "written meanwhile" and (out / "manifest.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or set-aside folder left
+
+
+def test_a_users_tmp_file_beside_our_output_is_untouched(capsys, run, tmp_path):
+    (tmp_path / "preds.csv.tmp").write_text("mine")
+    assert cli(capsys, "eval", "--run", run, "--limit", "4", "--predictions", tmp_path / "preds.csv")[0] == 0
+    assert (tmp_path / "preds.csv.tmp").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.csv", "preds.csv.tmp"]
+
+
+def test_train_overwrite_keeps_user_files_among_exports_and_plots(capsys, tmp_path, tiny_bert_dir, tiny_csv):
+    run = train(tmp_path / "runs", tiny_bert_dir, tiny_csv, "r")
+    assert cli(capsys, "export", "--run", run, "--subnet", "min", "--format", "peft")[0] == 0
+    assert cli(capsys, "plot", "--run", run)[0] == 0
+    args = ["train", "--model", tiny_bert_dir, "--dataset", tiny_csv, "--text-column", "sentence", "--label-column",
+            "sentiment", "--ranks", "8,4", "--max-steps", "2", "--out", tmp_path / "runs", "--name", "r",
+            "--overwrite"]
+    for planted in (run / "exports" / "min-peft" / "notes.txt", run / "exports" / "analysis.ipynb",
+                    run / "plots" / "my-figure.png"):
+        planted.write_text("mine")
+        code, _, err = cli(capsys, *args)
+        assert_refused(code, err, "which supernet did not write")
+        assert planted.read_text() == "mine"
+        planted.unlink()
+    (run / "plots" / "training.csv").write_text("edited\n")  # our plot, edited by the user
+    assert_refused(*cli(capsys, *args)[::2], "plots/training.csv")
+    (run / "plots" / "training.csv").unlink()
+    assert cli(capsys, *args)[0] == 0  # only supernet's own files left: replaced
+
+
+def test_a_plot_killed_mid_write_does_not_lock_out_the_next(capsys, run, tmp_path, monkeypatch):
+    from supernet import files
+
+    out = tmp_path / "p"
+    assert cli(capsys, "plot", "--run", run, "--out", out)[0] == 0
+    monkeypatch.setattr(plots, "DPI", 60)  # the next figures differ from the recorded ones
+    calls = {"n": 0}
+    ledger = files._write_ledger
+
+    def killed_after_a_rename(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first figure's pending entry written and the figure renamed in: then the kill
+            raise KeyboardInterrupt
+        return ledger(*args)
+
+    monkeypatch.setattr(files, "_write_ledger", killed_after_a_rename)
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_run(run, out=out)
+    monkeypatch.setattr(files, "_write_ledger", ledger)
+    entry = files.read_ledger(out)["search_progress_a.png"]
+    assert isinstance(entry, list) and files.fingerprint(out / "search_progress_a.png") == entry[-1] != entry[0]
+    code, _, err = cli(capsys, "plot", "--run", run, "--out", out)
+    assert code == 0, err
+
+
+def test_a_second_resume_of_a_running_search_is_refused_before_the_model_loads(capsys, run):
+    lock = run / "search" / "a" / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = {p: digest(p) for p in (run / "search" / "a").rglob("*") if p.is_file()}
+        code, _, err = cli(capsys, "search", "--run", run, "--resume", "--name", "a")
+        assert_refused(code, err, "already running in another process")
+        assert {p: digest(p) for p in (run / "search" / "a").rglob("*") if p.is_file()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_band_constraint_that_some_configuration_meets_is_accepted(tmp_path):
+    result = run_search(SPACE, synthetic, cost, tmp_path / "small", SearchSettings(
+        algorithm="random", population=4, evaluations=4, constraint="macs>16,macs<=18"))
+    assert len(result.history) > 0 and result.history["macs"].between(16, 18, inclusive="right").all()
+    big = SearchSpace({f"g{i}": [8, 6, 4] for i in range(12)})  # 3^12: not enumerated
+    result = run_search(big, synthetic, cost, tmp_path / "big", SearchSettings(
+        algorithm="nsga2", population=4, evaluations=4, constraint="macs>48,macs<=50"))
+    assert (tmp_path / "big" / "search.json").is_file()  # not refused up front: the search ran
