@@ -210,7 +210,7 @@ def _search(space, evaluate, cost, out_dir: Path, settings: SearchSettings, stra
 
 def _discard(out_dir: Path) -> None:
     """Remove what a new search wrote before its first evaluation (its lock file last, while held)."""
-    for name in ("search.json", "search.json.tmp", "pareto.csv", "selected.json"):
+    for name in ("search.json", "pareto.csv", "selected.json"):
         (out_dir / name).unlink(missing_ok=True)
     shutil.rmtree(out_dir / "subnets", ignore_errors=True)
     (out_dir / LOCK).unlink(missing_ok=True)

@@ -53,7 +53,6 @@ from supernet.errors import SupernetError
 from supernet.export_folders import (  # noqa: F401 (re-exported: the export API)
     MANIFEST,
     MARKER,
-    _check_target,
     check_export_target,
     foreign_entries,
     read_manifest,
@@ -650,7 +649,7 @@ def _checked(net: SuperNetwork, config: Mapping[str, object], out_dir, batches, 
     the verification inputs."""
     config = net.space.validate(config)
     _check_meta(macs, metadata)
-    target = _check_target(out_dir, overwrite)
+    target = check_export_target(out_dir, overwrite, "export folder")
     return config, target, _prepare_batches(net, batches)
 
 

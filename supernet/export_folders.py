@@ -106,10 +106,6 @@ def _refuse_foreign(flag: str, target: Path, found: list[str] | None) -> None:
                             "or choose another folder")
 
 
-def _check_target(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    return check_export_target(out_dir, overwrite, "export folder")
-
-
 def _make_parents(directory: Path) -> list[Path]:
     """Create ``directory`` and missing ancestors; return the ones created, outermost first."""
     missing = []

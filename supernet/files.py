@@ -3,7 +3,7 @@
 Every command that writes (``eval --predictions``, ``export``, ``plot``, ``search``) goes
 through this module, so the rule has one implementation:
 
-- **Atomic writes.** A file is written to a temporary sibling and renamed into place
+- **Atomic writes.** A file is written to a fresh temporary sibling and renamed into place
   (:func:`write_atomic`), so a kill leaves the old file or the new one, never half of one.
 - **Ownership.** A file may be replaced only when supernet wrote it and it is unchanged since:
   its name, size and SHA-256 are in the ledger of its folder (:data:`LEDGER`, or an export's
@@ -150,11 +150,6 @@ def write_owned(folder: Path, name: str, data: str | bytes) -> Path:
     path = write_atomic(folder / name, raw)
     _write_ledger(folder, {**read_ledger(folder), name: new})
     return path
-
-
-def record(folder: Path, names: Iterable[str]) -> None:
-    """Add the files ``names`` of ``folder`` (just written by supernet) to its ledger."""
-    _write_ledger(folder, read_ledger(folder) | fingerprints(folder, names))
 
 
 # ----------------------------------------------------------------------------- files in use
