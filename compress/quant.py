@@ -1,4 +1,4 @@
-"""Asymmetric group-wise integer quantisation of a weight (SQFT, QLoRA; ``../shared/DESIGN.md`` §2).
+"""Asymmetric group-wise integer quantisation of a weight (SQFT, QLoRA; ``docs/METHODS.md`` §2).
 
 ``q = clamp(round(W / s) + z, 0, 2^n - 1)``, ``W~ = s (q - z)``, with one ``(s, z)`` per group of
 ``g`` consecutive input columns of each output row. Every function is pure: tensors in,

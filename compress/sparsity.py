@@ -1,4 +1,4 @@
-"""Pruning scores and masks as pure functions (Wanda, Sun et al. 2023; ``../shared/DESIGN.md`` §2).
+"""Pruning scores and masks as pure functions (Wanda, Sun et al. 2023; ``docs/METHODS.md`` §2).
 
 A score is ``(out, in)``; a mask is boolean ``(out, in)``, True where the weight is kept.
 Ties are broken by position (a stable sort), so a mask is a deterministic function of its scores.

@@ -11,7 +11,7 @@ update reaches the base (``plain`` beside it; ``sparse``/``qa-sparse`` through i
 
 Shears (Munoz et al., 2024, "Neural Low-rank adapter Search") is the rank-elastic case
 implemented here: rank ``r`` uses ``A[:r]`` and ``B[:, :r]``, so every sub-adapter shares the
-weights of the largest one. See ``../shared/DESIGN.md`` sections 1 and 2.
+weights of the largest one. See ``docs/METHODS.md`` sections 1 and 2.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ SCALINGS = ("fixed", "lora", "rora")
 # How an adapter's update reaches its frozen base: ``plain`` adds it beside the base (merging it
 # densifies a pruned base and leaves the integer grid), ``sparse`` masks it with the base's
 # non-zero pattern (SparsePEFT), ``qa-sparse`` also puts ``W^p + delta`` through the base's
-# fake quantisation (QA-SparsePEFT). ``../shared/DESIGN.md`` section 2.
+# fake quantisation (QA-SparsePEFT). ``docs/METHODS.md`` section 2.
 MERGES = ("plain", "sparse", "qa-sparse")
 
 

@@ -10,7 +10,7 @@ A frozen base owns one Hugging Face layer (``nn.Linear`` or GPT-2 ``Conv1D``) an
 
 Three kinds: :class:`FrozenBase` (dense), :class:`MaskedBase` (pruned, Wanda or N:M),
 :class:`QuantizedBase` (asymmetric group-wise INT4/INT8, optionally pruned first). Formulas in
-``../shared/DESIGN.md`` §2. Adapter kinds (``supernet.adapters``) are the other axis.
+``docs/METHODS.md`` §2. Adapter kinds (``supernet.adapters``) are the other axis.
 """
 
 from __future__ import annotations

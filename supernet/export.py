@@ -1,4 +1,4 @@
-"""Export one sub-network of a super-network as a deployable model (``../shared/DESIGN.md`` section 5).
+"""Export one sub-network of a super-network as a deployable model (``docs/METHODS.md`` section 4).
 
 Three formats, all written from a :class:`~supernet.network.SuperNetwork` and a configuration
 ``{group: rank}``:

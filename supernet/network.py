@@ -338,7 +338,7 @@ class SuperNetwork:
     def macs(self, config: Mapping[str, object] | None = None, seq_len: int = 64, merged: bool = False) -> int:
         """Multiply-accumulates of one forward pass over one sequence of ``seq_len`` tokens.
 
-        ``../shared/DESIGN.md`` section 4: a linear layer costs ``rows * in * out`` (rows = the
+        ``docs/METHODS.md`` section 3: a linear layer costs ``rows * in * out`` (rows = the
         tokens it sees, measured once with hooks: all ``seq_len`` for block layers, one for a
         pooler or classifier on the first token); an adapted layer asks its adapter, which counts
         its base's non-zeros (a pruned base costs ``rows * nnz(W)``) and, unless merged,
