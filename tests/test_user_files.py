@@ -342,7 +342,7 @@ def test_hypervolume_reference_is_readable_when_every_accuracy_is_equal():
     search = plots.Search("s", "nsga2", (OBJECTIVES["acc"], OBJECTIVES["macs"]), history,
                           [json.loads(c) for c in history["config"]], {0}, None)
     frame = plots.hypervolume_frame([search])
-    text = plots._reference_text(frame.iloc[0])
+    text = plots.reference_text(frame.iloc[0])
     accuracy = float(text.split("accuracy ")[1].split("%")[0])
     assert 50 < accuracy < 55 and "every point equal" in text
     assert np.isclose(frame["hypervolume"].iloc[-1], hypervolume(
