@@ -1,0 +1,336 @@
+"""``--format peft``: a sub-adapter as a standard PEFT LoRA adapter that stock ``peft`` loads.
+
+``adapter_config.json`` names every target with its rank (``rank_pattern``) and an alpha that
+gives exactly its trained scale (``alpha_pattern``); new adapter kinds express themselves as
+LoRA factors through :func:`register_peft`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from supernet.adapters import ElasticAdapter, ElasticLoRA
+from supernet.errors import SupernetError
+from supernet.export_core import (
+    ADAPTER_NAME,
+    Batch,
+    _check_finite,
+    _check_heads,
+    _checked,
+    _dtype,
+    _lookup,
+    _manifest,
+    _safetensors_params,
+    _save,
+    _top_level,
+    _write_meta,
+    at_config,
+    base_model_copy,
+    check_format,
+    compare_outputs,
+    reference_outputs,
+)
+from supernet.export_folders import (
+    staging_dir,
+)
+from supernet.network import SuperNetwork
+
+SCALE_RTOL = 1e-6  # PEFT's scaling of a module vs the adapter's trained scale
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One adapter as PEFT LoRA at the active choice: ``Delta W = scale * lora_B @ lora_A``.
+
+    ``alpha`` is what PEFT needs in ``alpha_pattern`` so that its own scaling
+    (``alpha / r``, or ``alpha / sqrt(r)`` with ``rslora``) equals ``scale``.
+    """
+
+    lora_A: torch.Tensor  # (r, in)
+    lora_B: torch.Tensor  # (out, r)
+    alpha: float
+    rslora: bool
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_A.shape[0])
+
+
+PeftFn = Callable[[ElasticAdapter], LoraFactors]
+
+
+PEFT_EXPORTERS: dict[type, PeftFn] = {}
+
+
+def register_peft(kind: type) -> Callable[[PeftFn], PeftFn]:
+    """Decorator: ``fn(adapter) -> LoraFactors`` expresses an adapter of class ``kind`` as PEFT LoRA."""
+
+    def deco(fn: PeftFn) -> PeftFn:
+        PEFT_EXPORTERS[kind] = fn
+        return fn
+
+    return deco
+
+
+@register_peft(ElasticLoRA)
+def lora_factors(adapter: ElasticLoRA) -> LoraFactors:
+    """``A[:r]``, ``B[:, :r]`` and the alpha PEFT needs for the trained scale.
+
+    ``lora`` (alpha/r) is PEFT's own scaling; ``rora`` (alpha/sqrt(r)) is rsLoRA; ``fixed``
+    (alpha/r_max) becomes ``alpha' = alpha * r / r_max`` so that ``alpha' / r`` is the trained scale.
+    """
+    a, b = adapter.active_factors()
+    r = adapter.active_rank
+    mode = adapter.scaling_mode
+    if mode == "fixed":
+        alpha = adapter.alpha * r / adapter.max_rank
+    elif mode in ("lora", "rora"):
+        alpha = adapter.alpha
+    else:
+        raise SupernetError(f"cannot express scaling {mode!r} as PEFT LoRA")
+    return LoraFactors(a.detach(), b.detach(), float(alpha), mode == "rora", float(adapter.scaling))
+
+
+def peft_factors(net: SuperNetwork, config: Mapping[str, object]) -> dict[str, LoraFactors]:
+    """Every adapter as PEFT LoRA factors at ``config`` (detached copies), checked finite."""
+    with at_config(net, config):
+        factors = {}
+        for name, adapter in net.adapters.items():
+            f = _lookup(PEFT_EXPORTERS, adapter, "export to PEFT")(adapter)
+            factors[name] = LoraFactors(f.lora_A.clone(), f.lora_B.clone(), f.alpha, f.rslora, f.scale)
+            _check_finite("adapter factor lora_A", name, f.lora_A)
+            _check_finite("adapter factor lora_B", name, f.lora_B)
+    if len({f.rslora for f in factors.values()}) > 1:
+        raise SupernetError("cannot export adapters that mix rsLoRA and plain LoRA scaling to one PEFT config")
+    return factors
+
+
+def _pattern_rule(key: str) -> re.Pattern:
+    """How PEFT (``peft.utils.other.get_pattern_key``, 0.21) applies a ``rank_pattern`` key to a module name."""
+    return re.compile(rf"(.*\.)?({key})$")
+
+
+def _resolves_uniquely(keys: Mapping[str, str]) -> bool:
+    """Whether every module resolves to its own key and no other, whatever the order of the keys."""
+    rules = {n: _pattern_rule(k) for n, k in keys.items()}
+    by_leaf: dict[str, list[str]] = {}
+    for n in keys:
+        by_leaf.setdefault(n.rsplit(".", 1)[-1], []).append(n)
+    for n in keys:
+        if keys[n] != n and not rules[n].match(n):  # PEFT falls back to the name itself when no key matches
+            return False
+        for leaf, others in by_leaf.items():
+            if re.fullmatch(r"\w+", leaf) and not n.endswith(leaf):
+                continue  # a key whose literal last part does not end the name cannot match it
+            if any(o != n and rules[o].match(n) for o in others):
+                return False
+    return True
+
+
+def _anchored(name: str) -> str:
+    return "^" + re.escape(name)
+
+
+def pattern_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``rank_pattern`` / ``alpha_pattern`` keyed so that each module is matched by its own key only.
+
+    PEFT treats each key as a regex matching a module name or any dotted suffix of it and takes
+    the first key that matches, in the order of ``adapter_config.json`` (which PEFT writes with
+    sorted keys). So no order is relied on: the plainest form under which every module is
+    matched by its own key and by no other is used: the full names; else ``re.escape``d names
+    (a plain dot matches any character); else escaped names anchored with ``^`` (one target's
+    name is a dotted suffix of another's). The PEFT model built from them, and the one reloaded
+    from disk, are then checked layer by layer (:func:`check_peft_layers`).
+    """
+    names = list(values)
+    for to_key in (str, re.escape, _anchored):
+        keys = {n: to_key(n) for n in names}
+        if _resolves_uniquely(keys):
+            return {keys[n]: values[n] for n in names}
+    raise SupernetError(f"the modules {names[:2]} cannot be named unambiguously in a PEFT rank_pattern")
+
+
+def target_modules_spec(targets: Sequence[str], all_names: Sequence[str]) -> list[str] | str:
+    """PEFT ``target_modules`` naming exactly ``targets``.
+
+    A list of full names, which PEFT matches exactly or as a dotted suffix; if another module's
+    name ends with ``.<target>``, an anchored regex of the escaped names instead (PEFT fullmatches a string).
+    """
+    wanted = set(targets)
+    for name in all_names:
+        parts = name.split(".")
+        if name not in wanted and any(".".join(parts[i:]) in wanted for i in range(1, len(parts))):
+            return "(?:" + "|".join(re.escape(t) for t in targets) + ")"
+    return list(targets)
+
+
+def _check_head_names(heads: Sequence[str], all_names: Sequence[str]) -> None:
+    """PEFT wraps every module whose name ends with a ``modules_to_save`` entry; refuse if that is not only the head."""
+    for head in heads:
+        for name in all_names:
+            if name != head and name.endswith(head) and not name.startswith(head + "."):
+                raise SupernetError(
+                    f"head module {head!r} cannot be named unambiguously for PEFT ({name!r} ends with it)"
+                )
+
+
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return None
+
+
+def lora_config(net: SuperNetwork, base: nn.Module, factors: Mapping[str, LoraFactors], heads: Sequence[str]):
+    """A ``peft.LoraConfig`` naming every target and its rank and alpha explicitly."""
+    from peft import LoraConfig
+
+    all_names = [n for n, _ in base.named_modules() if n]
+    _check_head_names(heads, all_names)
+    ranks = {n: f.rank for n, f in factors.items()}
+    alphas = {n: f.alpha for n, f in factors.items()}
+    first = next(iter(factors.values()))
+    conv1d = any(isinstance(base.get_submodule(n), Conv1D) for n in factors)
+    return LoraConfig(
+        r=max(ranks.values()),
+        lora_alpha=float(net.config.alpha),
+        target_modules=target_modules_spec(list(factors), all_names),
+        rank_pattern=pattern_keys(ranks),
+        alpha_pattern=pattern_keys(alphas),
+        use_rslora=first.rslora,
+        fan_in_fan_out=conv1d,
+        lora_dropout=float(net.config.dropout),
+        bias="none",
+        modules_to_save=list(heads) or None,
+        task_type=_task_type(base),
+    )
+
+
+def _lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    inner = peft_model.base_model.model
+    return {n: m for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
+
+
+def check_peft_layers(peft_model: nn.Module, factors: Mapping[str, LoraFactors]) -> None:
+    """Every target (and nothing else) has a LoRA layer of the right rank, scale and weights."""
+    layers = _lora_layers(peft_model)
+    if set(layers) != set(factors):
+        odd = sorted(set(layers) ^ set(factors))[0]
+        raise SupernetError(f"PEFT adapted a different set of modules than the super-network (e.g. {odd!r})")
+    for name, f in factors.items():
+        layer = layers[name]
+        r = layer.r.get(ADAPTER_NAME)
+        scale = layer.scaling.get(ADAPTER_NAME)
+        if r != f.rank or scale is None or not math.isclose(scale, f.scale, rel_tol=SCALE_RTOL):
+            raise SupernetError(f"PEFT gives {name!r} rank {r} and scale {scale}, expected {f.rank} and {f.scale}")
+        a = layer.lora_A[ADAPTER_NAME].weight
+        b = layer.lora_B[ADAPTER_NAME].weight
+        if not (torch.equal(a.to(f.lora_A), f.lora_A) and torch.equal(b.to(f.lora_B), f.lora_B)):
+            raise SupernetError(f"PEFT's LoRA weights of {name!r} differ from the sub-adapter's")
+
+
+def peft_model(net: SuperNetwork, config: Mapping[str, object], factors: Mapping[str, LoraFactors] | None = None):
+    """A stock ``peft.PeftModel`` on a fresh copy of the base model holding the sub-adapter at ``config``."""
+    from peft import get_peft_model
+
+    factors = peft_factors(net, config) if factors is None else factors
+    base = base_model_copy(net)
+    heads = _check_heads(net, base)
+    model = get_peft_model(base, lora_config(net, base, factors, heads), adapter_name=ADAPTER_NAME)
+    layers = _lora_layers(model)
+    with torch.no_grad():
+        for name, f in factors.items():
+            layer = layers.get(name)
+            if layer is None:
+                raise SupernetError(f"PEFT did not adapt {name!r}")
+            a = layer.lora_A[ADAPTER_NAME].weight
+            b = layer.lora_B[ADAPTER_NAME].weight
+            if a.shape != f.lora_A.shape or b.shape != f.lora_B.shape:
+                raise SupernetError(f"PEFT's LoRA of {name!r} has rank {a.shape[0]}, expected {f.rank}")
+            a.copy_(f.lora_A)
+            b.copy_(f.lora_B)
+    check_peft_layers(model, factors)
+    return model.eval()
+
+
+def _blank_heads(model: nn.Module, heads: Sequence[str]) -> None:
+    """Zero the head, so that a check of a PEFT export proves the head comes from the adapter file."""
+    with torch.no_grad():
+        for head in heads:
+            for p in model.get_submodule(head).parameters():
+                p.zero_()
+
+
+def verify_peft(directory: Path, net: SuperNetwork, factors: Mapping[str, LoraFactors], heads: Sequence[str],
+                dtype: torch.dtype, batches: Sequence[Batch], reference: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Load a PEFT export with stock ``PeftModel.from_pretrained`` on a fresh base and compare."""
+    from peft import PeftModel
+
+    base = base_model_copy(net)
+    _blank_heads(base, heads)
+    loaded = PeftModel.from_pretrained(base, str(directory), adapter_name=ADAPTER_NAME)
+    check_peft_layers(loaded, factors)
+    return compare_outputs(loaded, batches, reference, dtype, "PEFT")
+
+
+def _require_peft() -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise SupernetError("a PEFT export needs the peft package (pip install peft)") from None
+
+
+def export_peft(
+    net: SuperNetwork,
+    config: Mapping[str, object],
+    out_dir: str | os.PathLike,
+    *,
+    batches: Sequence[Batch] | None = None,
+    tokenizer: Any = None,
+    macs: int | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Save the sub-adapter at ``config`` as a standard PEFT LoRA adapter directory.
+
+    ``adapter_config.json`` names every target module by its full name with its rank
+    (``rank_pattern``) and an alpha that gives exactly its trained scale (``alpha_pattern``,
+    ``use_rslora`` for ``rora``); ``adapter_model.safetensors`` holds ``A[:r]``, ``B[:, :r]``
+    and the trained head (``modules_to_save``). Verified before it is renamed into ``out_dir``:
+    loaded with stock ``PeftModel.from_pretrained`` on a fresh base (head zeroed), every LoRA
+    layer must have the right rank, scale and weights and the outputs on ``batches`` must match
+    the super-network's within :data:`TOLERANCE`. Returns the manifest.
+    """
+    _require_peft()
+    check_format(net, "peft")
+    config, target, inputs = _checked(net, config, out_dir, batches, macs, metadata, overwrite)
+    factors = peft_factors(net, config)
+    model = peft_model(net, config, factors)
+    reference = reference_outputs(net, config, inputs)
+    dtype = _dtype(net.model)
+    heads = _top_level(net.head_modules)
+    with staging_dir(target) as staging:
+        _save(model, tokenizer, staging)
+        del model
+        verification = verify_peft(staging, net, factors, heads, dtype, inputs, reference)
+        shipped = _safetensors_params(staging / "adapter_model.safetensors")
+        manifest = _manifest("peft", net, config, shipped, verification, macs, metadata, directory=staging)
+        _write_meta(staging, manifest)
+    return manifest
