@@ -29,9 +29,9 @@ import torch
 from _common import RESULTS, machine, write_json
 from transformers import AutoModelForSequenceClassification
 
+from supernet.commands.export import verification_batches
 from supernet.evaluator import Evaluator
 from supernet.export import export_merged
-from supernet.exporting import verification_batches
 from supernet.loader import load_run
 from supernet.models import resolve_model
 from supernet.search import SearchSettings, run_search

@@ -117,7 +117,7 @@ def figures(run: str, small_run: str) -> None:
     of the run folder without its other searches, which may score other validation subsets)."""
     import shutil
 
-    from supernet.plots import plot_run
+    from supernet.commands.plot import plot_run
 
     for tag, path in (("default", Path(run)), ("small", Path(small_run))):
         with tempfile.TemporaryDirectory() as tmp:

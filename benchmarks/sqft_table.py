@@ -48,13 +48,13 @@ def run_dir(recipe: str, seed: int) -> Path:
 
 
 def train_all(seeds: list[int], steps: int) -> None:
-    from supernet import run as runio
+    from supernet import runfiles
     from supernet.train import TrainConfig, train
 
     for seed in seeds:
         for recipe, opts in RECIPES.items():
             d = run_dir(recipe, seed)
-            if runio.finished_at(d) == steps:
+            if runfiles.finished_at(d) == steps:
                 print(f"{d.name}: done", flush=True)
                 continue
             cfg = TrainConfig(name=d.name, out=str(RUNS), seed=seed, max_steps=steps, lr=LR, **opts)

@@ -25,8 +25,8 @@ import torch
 from _common import RESULTS, machine, peft_lora, train_fixed, write_json
 from accelerate.utils import set_seed
 
+from supernet.commands.eval import eval_run
 from supernet.data import load_task_data
-from supernet.evaluate import eval_run
 from supernet.models import load_model
 from supernet.tasks import encode, evaluate
 from supernet.train import TrainConfig, train

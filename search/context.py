@@ -23,9 +23,9 @@ from typing import Any
 from supernet.errors import SupernetError
 from supernet.space import Config, SearchSpace
 
+from .encoding import Constraint, CostFn, Encoding
 from .history import HistoryFile, Record
 from .objectives import Objective
-from .space import Constraint, CostFn, Encoding
 
 EvaluateFn = Callable[[Config], Mapping[str, float]]
 # ``map_fn(evaluate, configs)`` yields ``(raw metrics, seconds)`` in the order of ``configs``.

@@ -23,8 +23,8 @@ from supernet.errors import SupernetError
 from supernet.files import write_atomic
 from supernet.space import Config
 
+from .encoding import Encoding
 from .objectives import Objective
-from .space import Encoding
 
 LEAD = ["index", "generation", "config"]
 TAIL = ["seconds"]

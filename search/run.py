@@ -24,11 +24,11 @@ from supernet.space import SearchSpace
 from supernet.validate import jsonable
 
 from .context import EvaluateFn, MapFn, SearchContext
+from .encoding import CostFn, Encoding, parse_constraint
 from .history import HistoryFile, Record, records_frame, write_records
 from .objectives import resolve_objectives
 from .pareto import pareto_front
 from .settings import SearchSettings
-from .space import CostFn, Encoding, parse_constraint
 from .strategies import STRATEGIES
 
 FORMAT = 1

@@ -13,8 +13,8 @@ from typing import Any
 from supernet import validate
 from supernet.errors import SupernetError
 
+from .encoding import parse_constraint
 from .objectives import resolve_objectives
-from .space import parse_constraint
 
 _BUDGET = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:<=|=)\s*(\S+)\s*$")
 
@@ -51,6 +51,9 @@ def _integer(name: str, value: object) -> int:
 class SearchSettings:
     """Every setting of a search; two searches with equal settings (and space) are the same search.
 
+    The field defaults are ``supernet search``'s defaults too (its ``--help`` text is built from
+    them, and a test checks the README against them): change them here and nowhere else.
+
     Attributes:
         objectives: two or more names from ``OBJECTIVES`` (a comma-separated string is accepted).
         algorithm: a name from ``STRATEGIES``.
@@ -64,8 +67,8 @@ class SearchSettings:
 
     objectives: tuple[str, ...] = ("acc", "macs")
     algorithm: str = "nsga2"
-    population: int = 8
-    evaluations: int = 200
+    population: int = 16
+    evaluations: int = 96
     seed: int = 0
     constraint: str | None = None
     budget: tuple[str, float] | None = None

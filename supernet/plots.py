@@ -1,6 +1,7 @@
-"""``supernet plot``: figures of a run folder, each PNG with the CSV of exactly what it shows.
+"""The figures of ``supernet plot`` (:mod:`supernet.commands.plot`), each PNG with the CSV of exactly what it shows.
 
-Written into ``RUN/plots/`` (or ``--out``), every file atomically (temporary file, then rename):
+Each is drawn from one frame of :mod:`supernet.plot_data` and written atomically (temporary file,
+then rename) into ``RUN/plots/`` (or ``--out``):
 
 - ``search_progress_<search>.png/.csv`` per search: every evaluation in the space of the search's
   first two objectives (accuracy in % on the y axis when ``acc`` is one of them), coloured by
@@ -25,17 +26,14 @@ matplotlib and pandas are imported inside the functions, so importing this modul
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from supernet import files, validate
-from supernet.errors import SupernetError
+from supernet import files
 from supernet.plot_data import (  # noqa: F401 (the data API, re-exported)
     SEARCH_DIR,
     SINGLE_POINT,
@@ -57,7 +55,6 @@ from supernet.plot_data import (  # noqa: F401 (the data API, re-exported)
 if TYPE_CHECKING:
     import pandas as pd
 
-PLOTS_DIR = "plots"
 DPI = 150
 MIDPOINT_COLOR, ALLOCATOR_COLOR = "0.3", "gold"
 
@@ -196,77 +193,3 @@ def plot_training(frame: pd.DataFrame, path: Path) -> Path:
     right.set_ylabel("accuracy (%)")
     right.grid(True, alpha=0.3)
     return write_png(fig, path)
-
-
-# ----------------------------------------------------------------------------- the command
-def plot_run(run_dir: str | Path, search: str | None = None, out: str | Path | None = None) -> list[Path]:
-    """Write the plots of a run; returns the files written (each PNG followed by its CSV).
-
-    Args:
-        run_dir: a run folder (``supernet train``'s output).
-        search: only the progress plot of this search (no hypervolume or training plot).
-        out: output folder (default ``RUN/plots``), created if needed.
-
-    Raises:
-        SupernetError: not a run, an unknown search, nothing to plot, or a corrupt file.
-    """
-    from supernet.run import read_run_config
-
-    run_dir = Path(run_dir)
-    record = read_run_config(run_dir)
-    if search is not None:
-        validate.run_name(search)
-        if search not in search_names(run_dir):
-            known = ", ".join(search_names(run_dir)) or "none"
-            raise SupernetError(f"run {str(run_dir)!r} has no search {search!r} (its searches: {known})")
-    searches = load_searches(run_dir, strict=search is None)
-    targets = searches
-    if search is not None:
-        targets = [s for s in searches if s.name == search] or [load_search(run_dir, search)]
-    training = None if search is not None else training_frame(run_dir)
-    if not targets and training is None:
-        raise SupernetError(f"nothing to plot in {str(run_dir)!r}: no train_log.csv and no searches")
-    out_dir = validate.writable_dir("--out", out if out is not None else run_dir / PLOTS_DIR)
-    if out is not None and Path(out).resolve() != (run_dir / PLOTS_DIR).resolve():
-        from supernet.run import paths_in_use
-
-        files.check_clear_of("--out", out_dir, paths_in_use(run_dir, record), f"run {str(run_dir)!r}")
-    mid = mid_config(record)
-    # Everything is computed before anything is written: (name, frame, draw) per figure.
-    figures = []
-    for s in targets:
-        frame = progress_frame(s, searches, mid)
-        figures.append((f"search_progress_{s.name}", frame, lambda f, p, s=s: plot_progress(f, s, p)))
-    if search is None:
-        hv = hypervolume_frame(searches)
-        if len(hv):
-            figures.append(("hypervolume", hv, plot_hypervolume))
-    if training is not None:
-        figures.append(("training", training, plot_training))
-    names = [f"{name}{ext}" for name, _, _ in figures for ext in (".png", ".csv")]
-    recorded = files.read_ledger(out_dir) if out_dir.is_dir() else {}
-    legacy = not recorded and out_dir.resolve() == (run_dir / PLOTS_DIR).resolve()
-    if not legacy:  # RUN/plots from before the ledger held only what supernet wrote there
-        files.refuse_foreign("--out", out_dir, names, recorded)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for name, frame, draw in figures:
-        written += [draw(frame, out_dir / f"{name}.png"), write_csv(frame, out_dir / f"{name}.csv")]
-    return written
-
-
-def add_plot_parser(sub) -> argparse.ArgumentParser:
-    """Add ``supernet plot`` to the CLI's subparsers."""
-    p = sub.add_parser("plot", help="PNG figures (and their CSV data) of a run's training and searches")
-    p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--search", help="only the progress plot of this search (a folder name under RUN/search)")
-    p.add_argument("--out", help="output folder [RUN/plots]")
-    return p
-
-
-def cmd_plot(args: argparse.Namespace) -> int:
-    """``supernet plot``: print one JSON line listing the files written."""
-    files = plot_run(args.run, args.search, args.out)
-    print(json.dumps({"run": str(args.run), "files": [str(f) for f in files]}))
-    return 0
-

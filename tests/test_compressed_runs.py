@@ -19,7 +19,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from supernet import run as runio
+from supernet import runfiles
 from supernet.bases import QuantizedBase, linear_weight
 from supernet.cli import main
 from supernet.compress.ct import load_compressed
@@ -221,7 +221,7 @@ def test_a_compressed_run_records_and_rebuilds_its_base(qa_run, tmp_path, monkey
     with safe_open(str(copy / MASKS), "pt") as f:  # a file of the wrong width is refused, not padded
         meta = f.metadata()
         narrow = {n: f.get_tensor(n)[:, :-1].contiguous() for n in f.keys()}
-    runio.save_tensors(copy / MASKS, narrow, metadata=meta)
+    runfiles.save_tensors(copy / MASKS, narrow, metadata=meta)
     with pytest.raises(SupernetError, match="mask of"):
         load_run(copy)
 
@@ -294,8 +294,8 @@ def test_a_compressed_run_resumes_exactly(tiny_bert_dir, tiny_csv, tmp_path, mon
 
     monkeypatch.setattr(supernet.loader, "compute_masks", lambda *a, **k: pytest.fail("calibrated again"))
     resume(tmp_path / "broken")
-    a = runio.load_tensors(tmp_path / "full" / runio.ADAPTER)
-    b = runio.load_tensors(tmp_path / "broken" / runio.ADAPTER)
+    a = runfiles.load_tensors(tmp_path / "full" / runfiles.ADAPTER)
+    b = runfiles.load_tensors(tmp_path / "broken" / runfiles.ADAPTER)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "full" / MASKS).read_bytes() == (tmp_path / "broken" / MASKS).read_bytes()
 
@@ -326,7 +326,7 @@ def test_masks_of_another_run_are_refused(capsys, tiny_train_args, tmp_path):
         code, _, err = cli(capsys, *argv)
         assert_refused(code, err, "does not belong to this run")
         assert MASKS in err
-    assert json.loads((a / runio.CHECKPOINT / "state.json").read_text())["step"] == 2  # nothing trained
+    assert json.loads((a / runfiles.CHECKPOINT / "state.json").read_text())["step"] == 2  # nothing trained
 
     # a run written before fingerprints were recorded: no check possible, its masks load as they are
     (a / MASKS).write_bytes(mine)

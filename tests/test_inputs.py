@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import assert_refused, cli
 
-from supernet import run as runio
+from supernet import runfiles
 from supernet.errors import SupernetError
 from supernet.train import TrainConfig, resume, train
 
@@ -273,7 +273,7 @@ def test_run_is_portable_and_summary_is_strict_json(capsys, tiny_bert_dir, tiny_
         raise ValueError(name)
 
     json.loads((tmp_path / "runs" / "p" / "summary.json").read_text(), parse_constant=no_constants)
-    runio.write_json(tmp_path / "nan.json", {"loss": float("nan"), "x": [float("inf"), 1.0]})
+    runfiles.write_json(tmp_path / "nan.json", {"loss": float("nan"), "x": [float("inf"), 1.0]})
     assert json.loads((tmp_path / "nan.json").read_text(), parse_constant=no_constants) == {"loss": None,
                                                                                            "x": [None, 1.0]}
 
@@ -295,8 +295,8 @@ class Crash(RuntimeError):
 
 
 def _same_weights(a_dir, b_dir):
-    a = runio.load_tensors(a_dir / runio.ADAPTER)
-    b = runio.load_tensors(b_dir / runio.ADAPTER)
+    a = runfiles.load_tensors(a_dir / runfiles.ADAPTER)
+    b = runfiles.load_tensors(b_dir / runfiles.ADAPTER)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -327,19 +327,19 @@ def test_stop_before_the_first_checkpoint_resumes(tiny_bert_dir, tiny_csv, tmp_p
 def test_kill_inside_the_checkpoint_swap_resumes(tiny_bert_dir, tiny_csv, tmp_path, reference_run, monkeypatch):
     """Killed between moving the old checkpoint aside and renaming the new one in."""
     cfg = tiny_cfg(tiny_bert_dir, tiny_csv, tmp_path, name="swap")
-    real = runio.os.replace
+    real = runfiles.os.replace
     calls = []
 
     def replace(src, dst):
         calls.append(str(src))
-        if str(src).endswith("checkpoint.tmp") and (runio.Path(dst).parent / "checkpoint.old").exists():
+        if str(src).endswith("checkpoint.tmp") and (runfiles.Path(dst).parent / "checkpoint.old").exists():
             raise Crash  # the second checkpoint (step 8): old one moved aside, new one not yet in
         return real(src, dst)
 
-    monkeypatch.setattr(runio.os, "replace", replace)
+    monkeypatch.setattr(runfiles.os, "replace", replace)
     with pytest.raises(Crash):
         train(cfg)
-    monkeypatch.setattr(runio.os, "replace", real)
+    monkeypatch.setattr(runfiles.os, "replace", real)
     run = cfg.run_dir()
     assert not (run / "checkpoint").exists() and (run / "checkpoint.old").is_dir()
     steps_run = []
@@ -353,8 +353,8 @@ def test_kill_inside_the_checkpoint_swap_resumes(tiny_bert_dir, tiny_csv, tmp_pa
 def test_kill_after_the_last_checkpoint_finishes_on_resume(tiny_bert_dir, tiny_csv, tmp_path, reference_run):
     run = tmp_path / "late"
     shutil.copytree(reference_run, run)
-    (run / runio.ADAPTER).unlink()  # killed after the last checkpoint, before the final weights
-    (run / runio.SUMMARY).unlink()
+    (run / runfiles.ADAPTER).unlink()  # killed after the last checkpoint, before the final weights
+    (run / runfiles.SUMMARY).unlink()
     summary = resume(run)
     assert summary["steps"] == 8 and len(summary["validation"]) == 3
     _same_weights(reference_run, run)
@@ -363,14 +363,14 @@ def test_kill_after_the_last_checkpoint_finishes_on_resume(tiny_bert_dir, tiny_c
 
 
 def test_failed_resume_keeps_the_finished_weights(capsys, tiny_bert_dir, tiny_csv, tmp_path, reference_run):
-    before = (reference_run / runio.ADAPTER).read_bytes()
+    before = (reference_run / runfiles.ADAPTER).read_bytes()
     config = reference_run / "config.json"
     record = json.loads(config.read_text())
     record["train"]["dataset"] = str(tmp_path / "gone.csv")
     config.write_text(json.dumps(record))
     code, _, err = cli(capsys, "train", "--resume", reference_run, "--max-steps", "12")
     assert code == 2 and "unknown dataset" in err
-    assert (reference_run / runio.ADAPTER).read_bytes() == before
+    assert (reference_run / runfiles.ADAPTER).read_bytes() == before
 
 
 def test_file_system_refusals_end_as_one_line(capsys, tiny_train_args, tmp_path, monkeypatch):
@@ -379,7 +379,7 @@ def test_file_system_refusals_end_as_one_line(capsys, tiny_train_args, tmp_path,
     def refuse(run_dir):
         raise PermissionError(13, "Permission denied", str(run_dir))
 
-    monkeypatch.setattr(runio, "mark_run", refuse)
+    monkeypatch.setattr(runfiles, "mark_run", refuse)
     code, _, err = cli(capsys, "train", *tiny_train_args, "--name", "ro")
     assert_refused(code, err, "Permission denied")
     assert not (tmp_path / "runs" / "ro").exists()

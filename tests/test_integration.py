@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from supernet.evaluate import eval_run
+from supernet.commands.eval import eval_run
 from supernet.network import SuperNetConfig, SuperNetwork, default_targets
 from supernet.tasks import evaluate
 from supernet.train import TrainConfig, build, train

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,9 @@ import pandas as pd
 import pytest
 
 from supernet import plots
+from supernet.cli import build_parser
+from supernet.commands import plot as plot_command
+from supernet.commands.plot import plot_run
 from supernet.errors import SupernetError
 from supernet.files import LEDGER
 from supernet.search import SearchSettings, hypervolume, run_search
@@ -88,7 +90,7 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def written(run) -> list[Path]:
-    return plots.plot_run(run)
+    return plot_run(run)
 
 
 def history(run: Path, name: str) -> pd.DataFrame:
@@ -187,7 +189,7 @@ def test_training_csv_holds_loss_and_validation_accuracy(run, written):
 
 
 def test_search_option_restricts_the_output(run, tmp_path):
-    files = plots.plot_run(run, search="random-acc-macs-s0", out=tmp_path / "one")
+    files = plot_run(run, search="random-acc-macs-s0", out=tmp_path / "one")
     assert sorted(p.name for p in files) == ["search_progress_random-acc-macs-s0.csv",
                                              "search_progress_random-acc-macs-s0.png"]
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted([LEDGER, *(p.name for p in files)])
@@ -197,7 +199,7 @@ def test_search_option_restricts_the_output(run, tmp_path):
 
 def test_midpoint_line_falls_back_to_a_history_row_with_the_mid_config(tmp_path):
     run = make_run(tmp_path, {"local": {"algorithm": "local", "population": 4, "evaluations": 12}})
-    plots.plot_run(run)
+    plot_run(run)
     frame = pd.read_csv(run / "plots" / "search_progress_local.csv")
     mid = frame[frame["series"] == "midpoint"]
     assert len(mid) == 1 and mid["search"].iloc[0] == "local"
@@ -214,17 +216,16 @@ def test_no_midpoint_anywhere_means_no_line(run, tmp_path):
         if path.exists():
             h = pd.read_csv(path)
             h[h["config"] != mid].to_csv(path, index=False)
-    plots.plot_run(copy)
+    plot_run(copy)
     frame = pd.read_csv(copy / "plots" / "search_progress_nsga2-acc-macs-s0.csv")
     assert set(frame["series"]) == {"evaluation"}
     assert set(pd.read_csv(copy / "plots" / "hypervolume.csv")["kind"]) == {"curve"}
 
 
 def test_command_prints_the_files(run, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    plots.add_plot_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["plot", "--run", str(run), "--search", "midpoint-acc-macs-s0", "--out", str(tmp_path)])
-    assert plots.cmd_plot(args) == 0
+    args = build_parser().parse_args(["plot", "--run", str(run), "--search", "midpoint-acc-macs-s0",
+                                      "--out", str(tmp_path)])
+    assert plot_command.run(args) == 0
     line = json.loads(capsys.readouterr().out.strip())
     assert sorted(Path(f).name for f in line["files"]) == ["search_progress_midpoint-acc-macs-s0.csv",
                                                           "search_progress_midpoint-acc-macs-s0.png"]
@@ -232,7 +233,7 @@ def test_command_prints_the_files(run, tmp_path, capsys):
 
 def test_a_run_with_only_training_logs_gets_the_training_plot(tmp_path):
     run = make_run(tmp_path, {})
-    assert sorted(p.name for p in plots.plot_run(run)) == ["training.csv", "training.png"]
+    assert sorted(p.name for p in plot_run(run)) == ["training.csv", "training.png"]
 
 
 def _empty_run(run: Path) -> None:
@@ -267,5 +268,5 @@ def test_bad_input_is_one_clear_error(tmp_path, damage, kwargs, match):
     if "out" in kwargs:
         kwargs = {**kwargs, "out": run / kwargs["out"]}
     with pytest.raises(SupernetError, match=match):
-        plots.plot_run(run, **kwargs)
+        plot_run(run, **kwargs)
     assert not (run / "plots").exists()

@@ -23,6 +23,7 @@ from conftest import assert_refused, cli
 
 from supernet import plots
 from supernet.cli import main
+from supernet.commands.plot import plot_run
 from supernet.errors import SupernetError
 from supernet.search import SearchSettings, hypervolume, pareto_front, run_search
 from supernet.space import SearchSpace
@@ -231,7 +232,7 @@ def test_a_non_finite_row_is_refused_with_its_line_and_never_on_the_front(tmp_pa
 
 
 def test_pick_best_never_chooses_a_member_without_accuracy():
-    from supernet.exporting import pick_best
+    from supernet.commands.export import pick_best
 
     front = pd.DataFrame({"index": [0, 1], "val_accuracy": [math.nan, 0.6], "macs": [1.0, 2.0]})
     assert int(pick_best(front, None)["index"]) == 1
@@ -434,7 +435,7 @@ def test_a_plot_killed_mid_write_does_not_lock_out_the_next(capsys, run, tmp_pat
 
     monkeypatch.setattr(files, "_write_ledger", killed_after_a_rename)
     with pytest.raises(KeyboardInterrupt):
-        plots.plot_run(run, out=out)
+        plot_run(run, out=out)
     monkeypatch.setattr(files, "_write_ledger", ledger)
     entry = files.read_ledger(out)["search_progress_a.png"]
     assert isinstance(entry, list) and files.fingerprint(out / "search_progress_a.png") == entry[-1] != entry[0]

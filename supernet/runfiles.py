@@ -1,4 +1,4 @@
-"""A run directory: what ``train`` writes and ``eval`` reads.
+"""Run-folder IO: what ``train`` writes into a run folder and every other command reads back.
 
 ``runs/<name>/``: ``config.json`` (everything needed to rebuild the super-network),
 ``adapter.safetensors`` (trainable weights at ``r_max``, written when training ends),
@@ -14,14 +14,14 @@ import os
 import re
 import shutil
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from supernet.errors import SupernetError
 from supernet.files import write_atomic
 from supernet.validate import inside, jsonable
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG = "config.json"
 ADAPTER = "adapter.safetensors"
@@ -155,12 +155,17 @@ def finished_at(run_dir: Path) -> int | None:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

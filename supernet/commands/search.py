@@ -1,4 +1,4 @@
-"""``supernet search``: find a trained run's best sub-networks.
+"""``supernet search``: find a trained run's best sub-networks, and print its Pareto front.
 
 Loads the run once (:func:`supernet.loader.load_run`), scores configurations on a fixed subset
 of the validation split with :class:`supernet.evaluator.Evaluator`, drives a strategy of
@@ -6,29 +6,86 @@ of the validation split with :class:`supernet.evaluator.Evaluator`, drives a str
 and on the test split (reported, never used to select). Under ``torchrun`` / ``accelerate
 launch`` the new configurations of each generation are split across the processes and
 gathered, so the history equals that of one process.
+
+The defaults of the settings are :class:`supernet.search.SearchSettings`'s (the one source the
+``--help`` text and the README are checked against), and ``EVAL_SAMPLES`` here. torch, pandas
+and the model code are imported when the command runs, so the parser can read these cheaply.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import torch
-
-from supernet import run as runio
-from supernet import validate
+from supernet import runfiles, validate
 from supernet.errors import SupernetError
-from supernet.evaluator import Evaluator, default_device
 from supernet.files import exclusive, write_atomic
 from supernet.search import SearchSettings, run_search
 from supernet.search.context import timed_map
 from supernet.search.run import LOCK
 
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
 SEARCH_DIR = "search"
+#: validation examples that score one configuration (``--eval-samples``)
+EVAL_SAMPLES = 500
+#: the settings given as flags; ``--resume`` refuses them (it continues with the saved ones)
+SETTINGS = ("objectives", "algorithm", "population", "evaluations", "seed", "constraint", "budget", "eval_samples")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``supernet search``: search, then print the front (stderr) and a JSON summary line (stdout)."""
+    given = {k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None}
+    if args.batch_size <= 0:
+        raise SupernetError("--batch-size must be positive")
+    if args.name is not None:
+        validate.run_name(args.name)
+    if args.resume:
+        if given:
+            raise SupernetError("--resume continues a search with its saved settings; give only --run and --name")
+        if args.name is None:
+            raise SupernetError("--resume needs the --name of the search to continue")
+        settings, samples = None, EVAL_SAMPLES
+    else:
+        samples = given.pop("eval_samples", EVAL_SAMPLES)
+        settings = SearchSettings(**given)  # what is not given: SearchSettings's defaults
+    out = run_search_command(args.run, settings, args.name, args.resume, samples, args.batch_size,
+                             progress=sys.stderr.isatty())
+    if out:  # the main process
+        print_front(out)
+    return 0
+
+
+def print_front(out: dict) -> None:
+    """The front (accuracy in %) and the files written on stderr; one JSON summary line on stdout."""
+    front = out["pareto"]
+    objectives = out["settings"]["objectives"]
+    show = ["index", "accuracy", "val_accuracy", "test_accuracy", "macs", "params"]
+    show += [m for m in ("loss", "latency") if m in front.columns and m in objectives]
+    table = front[[c for c in show if c in front.columns]].copy()
+    for c in ("accuracy", "val_accuracy", "test_accuracy"):
+        if c in table:
+            table[c] = (100 * table[c]).map("{:.2f}".format)
+    for c in ("macs", "params"):
+        if c in table:
+            table[c] = table[c].map("{:.4g}".format)
+    print(f"Pareto front ({len(front)} of {out['evaluations']} evaluated; accuracy on "
+          f"{out['eval_examples']} validation examples, val_/test_ on the whole splits):", file=sys.stderr)
+    print(table.to_string(index=False), file=sys.stderr)
+    if out["selected"]:
+        print(f"allocator's choice: evaluation {out['selected'].get('index')}", file=sys.stderr)
+    print(f"files: {out['search']}/{{search.json, history.csv, pareto.csv, subnets/}}", file=sys.stderr)
+    print(json.dumps({"search": out["search"], "evaluations": out["evaluations"],
+                      "evaluated_now": out["evaluated_now"], "pareto_size": len(front), "processes": out["processes"],
+                      "selected": out["selected"]}))
 
 
 def default_name(settings: SearchSettings) -> str:
@@ -59,6 +116,7 @@ def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -70,6 +128,10 @@ def _distributed() -> tuple[int, int]:
 
 
 def _device(world: int) -> torch.device:
+    import torch
+
+    from supernet.evaluator import default_device
+
     if world > 1 and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return default_device()
@@ -101,14 +163,14 @@ def _barrier(world: int) -> None:
 
 # ----------------------------------------------------------------------------- the command
 def run_search_command(run_dir: str | Path, settings: SearchSettings | None, name: str | None, resume: bool,
-                       eval_samples: int = 500, batch_size: int = 64, progress: bool = False) -> dict:
+                       eval_samples: int = EVAL_SAMPLES, batch_size: int = 64, progress: bool = False) -> dict:
     """Search one trained run; returns a summary (files and the Pareto front) on the main process.
 
     With ``resume`` and no ``settings``, the search named ``name`` continues with its saved settings.
     """
     rank, world = _distributed()
-    record = runio.read_run_config(run_dir)
-    runio.weights_path(run_dir)  # a run with no trained weights is refused before anything loads
+    record = runfiles.read_run_config(run_dir)
+    runfiles.weights_path(run_dir)  # a run with no trained weights is refused before anything loads
     if settings is None:
         if not (resume and name):
             raise SupernetError("give --objectives (a new search) or --resume with --name (continue one)")
@@ -138,6 +200,7 @@ def run_search_command(run_dir: str | Path, settings: SearchSettings | None, nam
 
 def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, eval_samples: int, batch_size: int,
                 progress: bool, rank: int, world: int) -> dict:
+    from supernet.evaluator import Evaluator
     from supernet.loader import load_run
 
     setup, _ = load_run(run_dir)
@@ -172,7 +235,7 @@ def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, 
             path = out_dir / "subnets" / f"{int(row['index'])}.json"
             data = validate.read_json("sub-network file", path)
             data["final"] = {k: row[k] for k in FINAL_COLUMNS}
-            runio.write_json(path, data)
+            runfiles.write_json(path, data)
     return {"search": str(out_dir), "evaluations": len(result.history), "evaluated_now": result.evaluator_calls,
             "pareto": front, "selected": result.selected, "settings": settings.to_json(),
             "eval_examples": evaluator.examples, "processes": world}
@@ -183,7 +246,10 @@ FINAL_COLUMNS = ["val_accuracy", "val_loss", "val_examples", "test_accuracy", "t
 
 def final_evaluation(setup, pareto: pd.DataFrame, batch_size: int, device, progress: bool) -> pd.DataFrame:
     """The Pareto set on the whole validation split and on the test split."""
+    import pandas as pd
     from tqdm.auto import tqdm
+
+    from supernet.evaluator import Evaluator
 
     evaluators = {split: Evaluator(setup.net, setup.enc, split, None, batch_size, device, setup.cfg.max_length)
                   for split in ("validation", "test")}

@@ -1,23 +1,42 @@
-"""Evaluate one sub-network of a trained run: ``supernet eval``."""
+"""``supernet eval``: one sub-network of a trained run on a split, printed as one JSON line.
+
+:func:`eval_run` is the command as a function (accuracy, loss, MACs, parameters, deployed
+bytes); ``--predictions`` writes one CSV row per example, and only ever replaces a file that
+``eval --predictions`` wrote.
+"""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from supernet import files, validate
-from supernet import run as runio
+from supernet import files, runfiles, validate
 from supernet.errors import SupernetError
 from supernet.files import write_atomic
 from supernet.loader import Setup, load_run
 from supernet.space import load_config_file
 
 
+def run(args: argparse.Namespace) -> int:
+    """``supernet eval``: print :func:`eval_run`'s result as one JSON line."""
+    if args.batch_size <= 0:
+        raise SupernetError("--batch-size must be positive")
+    out = eval_run(args.run, args.subnet, args.split, args.predictions, args.limit, args.batch_size,
+                   progress=sys.stderr.isatty())
+    print(json.dumps(out))
+    return 0
+
+
 def resolve_subnet(setup: Setup, subnet: str) -> dict:
-    if subnet in ("max", "mid", "min"):
+    """``max``, ``mid``, ``min`` (``NAME@CHOICE``: with every dimension that has ``CHOICE`` at it,
+    e.g. ``max@rora``) or a JSON file."""
+    if subnet.partition("@")[0] in ("max", "mid", "min"):
         return setup.net.space.named_config(subnet)
     return setup.net.space.validate(load_config_file(subnet))
 
@@ -44,8 +63,8 @@ def eval_run(
         raise SupernetError("--limit must be positive")
     if predictions is not None:
         predictions = validate.writable_file("--predictions", predictions)
-        files.check_clear_of("--predictions", predictions, runio.paths_in_use(run_dir, runio.read_run_config(run_dir)),
-                             f"run {str(run_dir)!r}")
+        in_use = runfiles.paths_in_use(run_dir, runfiles.read_run_config(run_dir))
+        files.check_clear_of("--predictions", predictions, in_use, f"run {str(run_dir)!r}")
         if os.path.lexists(predictions) and not is_predictions_file(predictions):
             raise SupernetError(f"--predictions {str(predictions)!r} exists and is not a predictions file that "
                                 "supernet wrote; it never overwrites other files: choose another name")

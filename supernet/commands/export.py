@@ -8,15 +8,16 @@ verifies itself on real validation examples (:mod:`supernet.export`).
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from supernet import files, validate
-from supernet import run as runio
+from supernet import files, runfiles, validate
 from supernet.errors import SupernetError
 from supernet.export import (
     FORMAT_VERSION,
@@ -30,11 +31,23 @@ from supernet.export import (
 )
 from supernet.files import write_atomic
 from supernet.loader import Setup, load_run
-from supernet.run import write_json
+from supernet.runfiles import write_json
 from supernet.space import SearchSpace, load_config_file
 from supernet.tasks import collate, rows_of
 
 VERIFY_EXAMPLES = 8
+
+
+def run(args: argparse.Namespace) -> int:
+    """``supernet export``: export and verify, one line per export on stderr, the summary as JSON on stdout."""
+    out = export_command(args.run, args.subnet, args.format, args.out, args.search, args.constraint, args.pareto,
+                         args.overwrite)
+    for e in out["exports"]:
+        size = f", {e['bytes_on_disk'] / 2**20:.1f} MB on disk" if e.get("bytes_on_disk") else ""
+        print(f"exported {e['name']} ({args.format}, {e['shipped_params']:,} parameters shipped{size}, verified: "
+              f"max |diff| {e['max_abs_diff']:.2e}) to {e['path']}", file=sys.stderr)
+    print(json.dumps(out))
+    return 0
 
 
 def finished_searches(run_dir: Path) -> list[str]:
@@ -132,8 +145,8 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
         raise SupernetError("give either --subnet (max, mid, min, best or a JSON file) or --pareto")
     if constraint is not None and subnet != "best":
         raise SupernetError("--constraint chooses among front members: use it with --subnet best")
-    record = runio.read_run_config(run_dir)
-    runio.weights_path(run_dir)
+    record = runfiles.read_run_config(run_dir)
+    runfiles.weights_path(run_dir)
     space = SearchSpace.from_json({"choices": record.get("choices") or {}})
     jobs: list[tuple[str, dict | None, pd.Series | None]] = []  # (name, config or None=named, row)
     source = subnet or "pareto"
@@ -152,7 +165,7 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
     label = "pareto" if pareto else "best" if subnet == "best" else jobs[0][0]
     default = run_dir / "exports" / f"{label}-{fmt}"
     target = Path(out) if out is not None else default
-    files.check_clear_of("--out", target, runio.paths_in_use(run_dir, record), f"run {str(run_dir)!r}")
+    files.check_clear_of("--out", target, runfiles.paths_in_use(run_dir, record), f"run {str(run_dir)!r}")
     check_export_target(target, overwrite, pareto=pareto)
     validate.writable_dir("--out", target)
 
