@@ -60,6 +60,8 @@ class FrozenBase(nn.Module):
 
     kind = "dense"
     pattern: str | None = None  # how a pruned base was pruned (unstructured, 2:4, ...), for manifests
+    bits: int | None = None  # integer bits of a quantised base; None for floating point
+    group_size: int | None = None
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
@@ -79,6 +81,11 @@ class FrozenBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the base is pruned or quantised (not the dense original)."""
+        return self.bits is not None or self.keep is not None
 
     def mask(self) -> torch.Tensor | None:
         """Boolean ``(out, in)`` of the kept weights, or None when nothing was pruned."""
@@ -127,7 +134,7 @@ class FrozenBase(nn.Module):
         """What a manifest records about this layer."""
         total = self.in_features * self.out_features
         return {"kind": self.kind, "shape": [self.out_features, self.in_features],
-                "sparsity": 1.0 - self.nnz() / total, "bits": None, "group_size": None,
+                "sparsity": 1.0 - self.nnz() / total, "bits": self.bits, "group_size": self.group_size,
                 "params": self.params(), "bytes": self.nbytes()}
 
     def extra_repr(self) -> str:
@@ -218,9 +225,6 @@ class QuantizedBase(FrozenBase):
         packed = self.out_features * math.ceil(self.in_features * self.bits / 32) * 4
         zeros = math.ceil(self.out_features * self.bits / 32) * groups * 4
         return packed + self.out_features * groups * self.layer.weight.element_size() + zeros
-
-    def describe(self) -> dict:
-        return {**super().describe(), "bits": self.bits, "group_size": self.group_size}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"

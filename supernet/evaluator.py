@@ -47,25 +47,26 @@ class Evaluator:
     def examples(self) -> int:
         return self.prepared.examples
 
-    def scores(self, config: Mapping[str, int]) -> torch.Tensor:
+    def scores(self, config: Mapping[str, object]) -> torch.Tensor:
         """Logits (or answer scores) ``(N, K)`` of the prepared examples at ``config``."""
         self.net.activate(config)
         with self.net.merged():  # the forward then costs exactly the base model's
             return score(self.net.model, self.enc, self.prepared)
 
-    def __call__(self, config: Mapping[str, int]) -> dict[str, float]:
+    def __call__(self, config: Mapping[str, object]) -> dict[str, float]:
         out = metrics(self.scores(config), self.prepared.labels)
         return {"accuracy": out["accuracy"], "loss": out["loss"]}
 
-    def cost(self, config: Mapping[str, int]) -> dict[str, float]:
+    def cost(self, config: Mapping[str, object]) -> dict[str, float]:
         """Cheap metrics, no forward pass: MACs per sequence of ``seq_len`` tokens (non-zeros of a
-        pruned base), the parameters a sub-network ships on top of the base (adapters + head),
-        and its deployed size in bytes (bases at their precision and sparsity)."""
-        return {"macs": float(self.net.macs(config, self.seq_len)), "params": float(self.net.trainable_params(config)),
+        pruned base), the parameters a sub-network ships on top of the base (adapters + head; an
+        update folded into a sparse or quantised base ships none), and its deployed size in bytes
+        (bases at their precision and sparsity)."""
+        return {"macs": float(self.net.macs(config, self.seq_len)), "params": float(self.net.shipped_params(config)),
                 "size": float(self.net.size(config))}
 
     @torch.no_grad()
-    def latency(self, config: Mapping[str, int], repeats: int = 5) -> float:
+    def latency(self, config: Mapping[str, object], repeats: int = 5) -> float:
         """Median seconds of one forward pass of ``latency_batch`` sequences of ``seq_len`` tokens
         on this device (one warm-up pass first)."""
         self.net.activate(config)  # unmerged: the latency of serving the sub-adapter as it is

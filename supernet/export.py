@@ -24,9 +24,9 @@ super-network's at the configuration. Exports are written into a temporary sibli
 and renamed into place at the end, so a failed export leaves nothing behind; ``manifest.json``
 marks a directory as an export of ours, and only such a directory is ever replaced.
 
-New adapter kinds plug in through two small registries keyed by adapter class:
-:func:`register_merge` (fold the adapter into a copy of its base layer) and
-:func:`register_peft` (express the adapter as plain LoRA factors, where possible).
+Every adapter kind plugs in through its own interface (:mod:`supernet.adapters.base`): the
+merged formats fold ``merged_weight()`` into a copy of the base layer, the PEFT format asks
+``lora_factors()`` (a kind that cannot be written as LoRA says so).
 
 This module holds the merged format and :func:`export`, and re-exports the whole export API;
 the rest lives beside it: :mod:`supernet.export_core` (what every format shares: the
@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from supernet.adapters import ElasticAdapter
+from supernet.adapters import ElasticAdapter, LoraFactors  # noqa: F401
 from supernet.errors import SupernetError
 from supernet.export_compressed import (  # noqa: F401 (the export API is importable from here)
     export_compressed,
@@ -57,7 +57,6 @@ from supernet.export_core import (  # noqa: F401
     DROPPED_INPUTS,
     FORMAT_VERSION,
     FORMATS,
-    MERGERS,
     SUBNET,
     TOLERANCE,
     Batch,
@@ -72,10 +71,10 @@ from supernet.export_core import (  # noqa: F401
     base_model_copy,
     check_format,
     compare_outputs,
+    merge_into,
     merge_lora,
     merged_model,
     reference_outputs,
-    register_merge,
     shipped_layers,
 )
 from supernet.export_folders import (  # noqa: F401
@@ -87,18 +86,13 @@ from supernet.export_folders import (  # noqa: F401
     staging_dir,
 )
 from supernet.export_peft import (  # noqa: F401
-    PEFT_EXPORTERS,
     SCALE_RTOL,
-    LoraFactors,
-    PeftFn,
     check_peft_layers,
     export_peft,
     lora_config,
-    lora_factors,
     pattern_keys,
     peft_factors,
     peft_model,
-    register_peft,
     target_modules_spec,
     verify_peft,
 )

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from supernet.bases import QuantizedBase, linear_weight
+from supernet import merges
+from supernet.bases import linear_weight
 from supernet.errors import SupernetError
 from supernet.export_core import (
     Batch,
@@ -45,7 +46,7 @@ def _compressed_payload(net: SuperNetwork, model: nn.Module, config: Config):
     with at_config(net, config):
         for name, adapter in net.adapters.items():
             base = adapter.base
-            if isinstance(base, QuantizedBase) and adapter.merge == "qa-sparse":
+            if merges.stores_integers(adapter.merge, base.bits is not None):
                 q = base.integers(adapter.delta_weight().detach())
                 integers[name] = IntegerLayer(q.cpu(), base.scale.cpu(), base.zero.cpu(), base.bits, base.group_size)
             elif base.mask() is not None:

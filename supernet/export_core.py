@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from supernet import files
-from supernet.adapters import ElasticAdapter, ElasticLoRA
-from supernet.bases import FrozenBase, QuantizedBase, linear_weight, set_linear_weight
+from supernet import files, merges
+from supernet.adapters import ElasticAdapter
+from supernet.bases import FrozenBase, linear_weight, set_linear_weight
 from supernet.errors import SupernetError
 from supernet.export_folders import (
     MANIFEST,
@@ -29,7 +29,7 @@ from supernet.export_folders import (
     check_export_target,
 )
 from supernet.network import SuperNetwork
-from supernet.run import write_json
+from supernet.runfiles import write_json
 from supernet.space import Config
 
 SUBNET = "subnet.json"
@@ -62,55 +62,32 @@ DROPPED_INPUTS = ("labels", "label")
 Batch = Mapping[str, torch.Tensor]
 
 
-MergeFn = Callable[[ElasticAdapter, nn.Module], None]
-
-
-MERGERS: dict[type, MergeFn] = {}
-
-
-def register_merge(kind: type) -> Callable[[MergeFn], MergeFn]:
-    """Decorator: ``fn(adapter, layer)`` folds an adapter of class ``kind`` into ``layer`` (a copy of its base)."""
-
-    def deco(fn: MergeFn) -> MergeFn:
-        MERGERS[kind] = fn
-        return fn
-
-    return deco
-
-
-def _lookup(registry: Mapping[type, Callable], adapter: ElasticAdapter, what: str) -> Callable:
-    """The registry entry of the adapter's class or its nearest registered ancestor."""
-    for kind in type(adapter).__mro__:
-        if kind in registry:
-            return registry[kind]
-    raise SupernetError(f"cannot {what} adapters of kind {type(adapter).__name__}")
-
-
-@register_merge(ElasticLoRA)
-def merge_lora(adapter: ElasticAdapter, layer: nn.Module) -> None:
+def merge_into(adapter: ElasticAdapter, layer: nn.Module) -> None:
     """Put the adapter's :meth:`~supernet.adapters.ElasticAdapter.merged_weight` into ``layer`` (a
-    copy of its base layer): ``W + delta`` at the active rank, through the base's transform when the
-    run trained that way, so a pruned base keeps its zeros and a QA-SparsePEFT base its grid."""
+    copy of its base layer): ``W + delta`` at the active choice, through the base's transform when
+    the run trained that way, so a pruned base keeps its zeros and a QA-SparsePEFT base its grid.
+    Every adapter kind merges this way: its update comes from its ``delta_weight``."""
     w = adapter.merged_weight().detach()
     if w.shape != linear_weight(layer).shape:
         raise SupernetError(f"merged weight of shape {tuple(w.shape)} does not fit {tuple(linear_weight(layer).shape)}")
     set_linear_weight(layer, w)
 
 
+merge_lora = merge_into  # the name before adapter kinds had one interface
+
+
 @contextmanager
 def at_config(net: SuperNetwork, config: Mapping[str, object]) -> Iterator[Config]:
     """Activate ``config`` in eval mode; restore every adapter's choice and the train flag afterwards."""
     config = net.space.validate(config)
-    previous = {name: getattr(ad, "active_rank", None) for name, ad in net.adapters.items()}
+    previous = net.active_config()
     training = net.model.training
     try:
         net.activate(config)
         net.model.eval()
         yield config
     finally:
-        for name, choice in previous.items():
-            if choice is not None:
-                net.adapters[name].set_active(choice)
+        net.activate(previous)
         net.model.train(training)
 
 
@@ -154,7 +131,7 @@ def merged_model(net: SuperNetwork, config: Mapping[str, object]) -> nn.Module:
         model = base_model_copy(net)
         for name, adapter in net.adapters.items():
             layer = model.get_submodule(name)
-            _lookup(MERGERS, adapter, "merge")(adapter, layer)
+            merge_into(adapter, layer)
             _check_finite("merged weight", name, layer.weight)
     _check_heads(net, model)
     return model.eval()
@@ -295,11 +272,11 @@ def shipped_layers(net: SuperNetwork, model: nn.Module, fmt: str) -> dict[str, d
         row = {"shape": list(w.shape), "numel": numel, "nonzeros": nonzeros, "sparsity": 1 - nonzeros / numel,
                "bits": None, "group_size": None, "params": numel, "bytes": numel * w.element_size()}
         if fmt == "compressed":
-            row.update({"bits": getattr(base, "bits", None), "group_size": getattr(base, "group_size", None),
+            row.update({"bits": base.bits, "group_size": base.group_size,
                         "params": nonzeros if base.mask() is not None else numel,
-                        "bytes": base.weight_bytes() if isinstance(base, QuantizedBase) or base.mask() is not None
+                        "bytes": base.weight_bytes() if base.bits is not None or base.mask() is not None
                         else row["bytes"]})
-        elif isinstance(base, QuantizedBase) and adapter.merge == "qa-sparse":
+        elif merges.stores_integers(adapter.merge, base.bits is not None):
             row["grid_bits"] = base.bits  # floats that are exactly s (q - z)
         out[name] = row
     return out
@@ -350,22 +327,11 @@ def _save(model: nn.Module, tokenizer: Any, staging: Path) -> None:
 
 
 def check_format(net: SuperNetwork, fmt: str) -> None:
-    """Refuse, in one line, a format this super-network cannot produce faithfully."""
-    adapters = list(net.adapters.values())
-    compressed_base = any(type(a.base) is not FrozenBase for a in adapters)
-    folded = net.config.merge != "plain"
-    if fmt == "peft" and (folded or compressed_base):
-        why = (f"its {net.config.merge} updates are masked by the base, which LoRA factors cannot express"
-               if folded else "a PEFT adapter loads onto the original dense model, not this run's compressed base")
-        hint = "--format merged or compressed" if folded else "--format merged"
-        raise SupernetError(f"this run cannot be exported as --format peft: {why}; use {hint}")
+    """Refuse, in one line, a format this super-network cannot produce faithfully (the merge
+    rules are :func:`supernet.merges.check_format`'s)."""
+    compressed_base = any(a.base.compressed for a in net.adapters.values())
+    merges.check_format(fmt, net.config.merge, compressed_base)
     if fmt == "compressed":
-        if not compressed_base:
-            raise SupernetError("--format compressed needs a run trained on a pruned or quantised base "
-                                "(--sparsity / --bits); this run's base is dense")
-        if not folded:
-            raise SupernetError("--format compressed needs --adapter-merge sparse or qa-sparse: a plain adapter "
-                                "merged into a compressed base makes it dense again (use --format merged)")
         conv = [n for n, a in net.adapters.items() if not isinstance(a.base.layer, nn.Linear)]
         if conv:
             raise SupernetError(f"--format compressed stores nn.Linear layers only; {conv[0]} is a "

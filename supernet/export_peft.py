@@ -1,8 +1,8 @@
 """``--format peft``: a sub-adapter as a standard PEFT LoRA adapter that stock ``peft`` loads.
 
 ``adapter_config.json`` names every target with its rank (``rank_pattern``) and an alpha that
-gives exactly its trained scale (``alpha_pattern``); new adapter kinds express themselves as
-LoRA factors through :func:`register_peft`.
+gives exactly its trained scale (``alpha_pattern``); every adapter kind expresses itself as LoRA
+factors through :meth:`~supernet.adapters.ElasticAdapter.lora_factors`, or says it cannot.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from supernet.adapters import ElasticAdapter, ElasticLoRA
+from supernet.adapters import LoraFactors
 from supernet.errors import SupernetError
 from supernet.export_core import (
     ADAPTER_NAME,
@@ -28,7 +27,6 @@ from supernet.export_core import (
     _check_heads,
     _checked,
     _dtype,
-    _lookup,
     _manifest,
     _safetensors_params,
     _save,
@@ -48,71 +46,19 @@ from supernet.network import SuperNetwork
 SCALE_RTOL = 1e-6  # PEFT's scaling of a module vs the adapter's trained scale
 
 
-@dataclass(frozen=True)
-class LoraFactors:
-    """One adapter as PEFT LoRA at the active choice: ``Delta W = scale * lora_B @ lora_A``.
-
-    ``alpha`` is what PEFT needs in ``alpha_pattern`` so that its own scaling
-    (``alpha / r``, or ``alpha / sqrt(r)`` with ``rslora``) equals ``scale``.
-    """
-
-    lora_A: torch.Tensor  # (r, in)
-    lora_B: torch.Tensor  # (out, r)
-    alpha: float
-    rslora: bool
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.lora_A.shape[0])
-
-
-PeftFn = Callable[[ElasticAdapter], LoraFactors]
-
-
-PEFT_EXPORTERS: dict[type, PeftFn] = {}
-
-
-def register_peft(kind: type) -> Callable[[PeftFn], PeftFn]:
-    """Decorator: ``fn(adapter) -> LoraFactors`` expresses an adapter of class ``kind`` as PEFT LoRA."""
-
-    def deco(fn: PeftFn) -> PeftFn:
-        PEFT_EXPORTERS[kind] = fn
-        return fn
-
-    return deco
-
-
-@register_peft(ElasticLoRA)
-def lora_factors(adapter: ElasticLoRA) -> LoraFactors:
-    """``A[:r]``, ``B[:, :r]`` and the alpha PEFT needs for the trained scale.
-
-    ``lora`` (alpha/r) is PEFT's own scaling; ``rora`` (alpha/sqrt(r)) is rsLoRA; ``fixed``
-    (alpha/r_max) becomes ``alpha' = alpha * r / r_max`` so that ``alpha' / r`` is the trained scale.
-    """
-    a, b = adapter.active_factors()
-    r = adapter.active_rank
-    mode = adapter.scaling_mode
-    if mode == "fixed":
-        alpha = adapter.alpha * r / adapter.max_rank
-    elif mode in ("lora", "rora"):
-        alpha = adapter.alpha
-    else:
-        raise SupernetError(f"cannot express scaling {mode!r} as PEFT LoRA")
-    return LoraFactors(a.detach(), b.detach(), float(alpha), mode == "rora", float(adapter.scaling))
-
-
 def peft_factors(net: SuperNetwork, config: Mapping[str, object]) -> dict[str, LoraFactors]:
     """Every adapter as PEFT LoRA factors at ``config`` (detached copies), checked finite."""
     with at_config(net, config):
         factors = {}
         for name, adapter in net.adapters.items():
-            f = _lookup(PEFT_EXPORTERS, adapter, "export to PEFT")(adapter)
+            f = adapter.lora_factors()
             factors[name] = LoraFactors(f.lora_A.clone(), f.lora_B.clone(), f.alpha, f.rslora, f.scale)
             _check_finite("adapter factor lora_A", name, f.lora_A)
             _check_finite("adapter factor lora_B", name, f.lora_B)
     if len({f.rslora for f in factors.values()}) > 1:
-        raise SupernetError("cannot export adapters that mix rsLoRA and plain LoRA scaling to one PEFT config")
+        # one PEFT config has one use_rslora: modes mixed across modules (a searched scaling) are
+        # all written as plain LoRA, each module with the alpha whose alpha / r is its trained scale
+        factors = {n: LoraFactors(f.lora_A, f.lora_B, f.scale * f.rank, False, f.scale) for n, f in factors.items()}
     return factors
 
 

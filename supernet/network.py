@@ -1,14 +1,14 @@
 """The super-network: elastic adapters injected into any Hugging Face model.
 
-Target layers are found by name pattern and type, never by attribute path, so BERT
-(``query,key,value,dense``), Llama (``q_proj,...,down_proj``) and GPT-2 (``c_attn,...``)
-layouts all work. Adapters are grouped; every adapter of a group takes the group's choice.
+The layers that get one and their groups come from :mod:`supernet.targets`; the adapter kind
+from :mod:`supernet.adapters`. Each group gets one dimension per dimension kind its adapter
+kind has (:mod:`supernet.dimensions`): a configuration ``{dimension: choice}`` sets every
+adapter a dimension drives.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,43 +17,24 @@ import torch
 from torch import nn
 
 from supernet import validate
-from supernet.adapters import MERGES, SCALINGS, ElasticAdapter, ElasticLoRA
+from supernet.adapters import ADAPTER_KINDS, ElasticAdapter, adapter_kind
 from supernet.bases import FrozenBase, is_adaptable, layer_shape
+from supernet.dimensions import DEFAULT_KIND, SCALINGS, Dimension
 from supernet.errors import SupernetError
+from supernet.merges import MERGES
 from supernet.space import Config, SearchSpace
-
-# Default targets by the module names a layout has: every projection inside the blocks.
-DEFAULT_TARGETS = (
-    ("q_proj", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    ("query", ["query", "key", "value", "dense"]),
-    ("c_attn", ["c_attn", "c_proj", "c_fc"]),
+from supernet.targets import (  # noqa: F401 (re-exported: the targeting API predates its own module)
+    DEFAULT_TARGETS,
+    GROUPINGS,
+    SHARED_ROLES,
+    assign_groups,
+    default_targets,
+    matches,
+    target_layers,
 )
-# Within one block, modules whose last name is in one of these sets share one group, as in
-# Shears (Q/K/V take one rank, gate/up another); every other target is a group of its own.
-SHARED_ROLES = {
-    "qkv": {"query", "key", "value", "q_proj", "k_proj", "v_proj"},
-    "up": {"gate_proj", "up_proj"},
-}
-GROUPINGS = ("block", "module", "global")
-_BLOCK = re.compile(r"\.(\d+)\.")
 
-
-def matches(name: str, pattern: str) -> bool:
-    """PEFT-style match: ``re:<regex>`` matches the full name, else a dotted-suffix match."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern)
-
-
-def default_targets(model: nn.Module) -> list[str]:
-    """One ``re:`` pattern for the layout's projections *inside numbered blocks*: a pooler or a
-    head that happens to share a leaf name (BERT's ``pooler.dense``) is not a block projection
-    and acts on one token, so it is left out (target it explicitly if you want it)."""
-    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    for key, targets in DEFAULT_TARGETS:
-        if key in leaves:
-            return [r"re:.*\.\d+\.(?:.*\.)?(?:" + "|".join(targets) + ")"]
-    raise SupernetError("cannot guess target modules for this architecture; pass --target-modules")
+#: How a dimension other than the rank spreads: one per group, or one for the whole network.
+SPREADS = ("group", "global")
 
 
 @dataclass
@@ -72,7 +53,11 @@ class SuperNetConfig:
         trainable_modules: patterns of whole modules trained alongside the adapters (the
             new classification head); they are shared by all sub-networks.
         merge: how updates reach the frozen bases: ``plain``, ``sparse`` (SparsePEFT) or
-            ``qa-sparse`` (QA-SparsePEFT), see :data:`supernet.adapters.MERGES`.
+            ``qa-sparse`` (QA-SparsePEFT), see :mod:`supernet.merges`.
+        adapter: the adapter kind, a name in :data:`supernet.adapters.ADAPTER_KINDS`.
+        scalings: the scaling modes searched (two or more; ``scaling`` is then the first);
+            empty: the one mode ``scaling``.
+        scaling_per: ``group`` (each group its own mode) or ``global`` (one mode for the network).
     """
 
     target_modules: list[str]
@@ -83,6 +68,9 @@ class SuperNetConfig:
     groups: str | dict[str, list[str]] = "block"
     trainable_modules: list[str] = field(default_factory=list)
     merge: str = "plain"
+    adapter: str = "lora"
+    scalings: list[str] = field(default_factory=list)
+    scaling_per: str = "group"
 
     def __post_init__(self) -> None:
         if not self.target_modules:
@@ -98,6 +86,20 @@ class SuperNetConfig:
         self.ranks = sorted({int(r) for r in self.ranks}, reverse=True)
         if self.scaling not in SCALINGS:
             raise SupernetError(f"unknown scaling {self.scaling!r}; choose one of {', '.join(SCALINGS)}")
+        if isinstance(self.scalings, str) or not isinstance(self.scalings, (list, tuple)):
+            raise SupernetError(f"scalings must be a list of modes, got {self.scalings!r}")
+        for mode in self.scalings:
+            if mode not in SCALINGS:
+                raise SupernetError(f"unknown scaling {mode!r} in --scalings; choose from {', '.join(SCALINGS)}")
+        self.scalings = list(dict.fromkeys(self.scalings))
+        if len(self.scalings) == 1:  # one mode is no dimension
+            self.scaling, self.scalings = self.scalings[0], []
+        elif self.scalings:
+            self.scaling = self.scalings[0]
+        if self.scaling_per not in SPREADS:
+            raise SupernetError(f"unknown --scaling-per {self.scaling_per!r}; use {' or '.join(SPREADS)}")
+        if self.adapter not in ADAPTER_KINDS:
+            adapter_kind(self.adapter)  # the one clear error
         if not 0.0 <= self.dropout < 1.0:
             raise SupernetError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.merge not in MERGES:
@@ -111,74 +113,6 @@ class SuperNetConfig:
     def max_rank(self) -> int:
         return self.ranks[0]
 
-
-def _block_group(name: str, short: bool) -> str:
-    """``L3.qkv`` style names; with several stacks of blocks (encoder and decoder, say) the
-    stack's path is kept: ``model.decoder.layers.3.qkv``."""
-    m = _BLOCK.search(name)
-    if m is None:
-        return name
-    block = f"L{m.group(1)}" if short else name[: m.end() - 1]
-    leaf = name.rsplit(".", 1)[-1]
-    for role, leaves in SHARED_ROLES.items():
-        if leaf in leaves:
-            return f"{block}.{role}"
-    return f"{block}.{name[m.end():]}"
-
-
-def assign_groups(names: list[str], groups: str | Mapping[str, list[str]]) -> dict[str, list[str]]:
-    """Map each group name to its module names (order of ``names`` kept)."""
-    out: dict[str, list[str]] = {}
-    if groups == "module":
-        return {n: [n] for n in names}
-    if groups == "global":
-        return {"all": list(names)}
-    if groups == "block":
-        stacks = {n[: m.start()] for n in names if (m := _BLOCK.search(n))}
-        for n in names:
-            out.setdefault(_block_group(n, short=len(stacks) <= 1), []).append(n)
-        return out
-    owner: dict[str, str] = {}
-    for g, patterns in groups.items():
-        hit = [n for n in names if any(matches(n, p) for p in patterns)]
-        if not hit:
-            raise SupernetError(f"group {g!r} names no target module (patterns {list(patterns)})")
-        for n in hit:
-            if n in owner:
-                raise SupernetError(f"module {n!r} is in two groups: {owner[n]!r} and {g!r}")
-            owner[n] = g
-        out[g] = hit
-    orphans = [n for n in names if n not in owner]
-    if orphans:
-        raise SupernetError(f"target module {orphans[0]!r} is in no group ({len(orphans)} such)")
-    return out
-
-
-def target_layers(model: nn.Module, config: SuperNetConfig) -> dict[str, nn.Module]:
-    """The layers that get an adapter, by name: linear layers matching the target patterns,
-    outside the trained head, each wide enough for ``r_max``."""
-
-    def in_head(name: str) -> bool:  # the module or one of its parents is trained whole
-        parts = name.split(".")
-        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        return any(matches(q, p) for q in prefixes for p in config.trainable_modules)
-
-    targets = {
-        n: m
-        for n, m in model.named_modules()
-        if n and is_adaptable(m) and any(matches(n, p) for p in config.target_modules) and not in_head(n)
-    }
-    if not targets:
-        linear = [n for n, m in model.named_modules() if is_adaptable(m)][:4]
-        raise SupernetError(
-            f"target patterns {config.target_modules} match no linear module "
-            f"(this model has e.g. {', '.join(linear)})"
-        )
-    for n, m in targets.items():
-        fan_in, fan_out = layer_shape(m)
-        if config.max_rank > min(fan_in, fan_out):
-            raise SupernetError(f"rank {config.max_rank} exceeds the size of {n} ({fan_out}x{fan_in})")
-    return targets
 
 
 class SuperNetwork:
@@ -207,11 +141,12 @@ class SuperNetwork:
         for p in model.parameters():
             p.requires_grad_(False)
         self.adapters: dict[str, ElasticAdapter] = {}
+        kind = adapter_kind(config.adapter)
         for n, m in targets:
             base = bases.get(n, m)
             if isinstance(base, FrozenBase) and base.layer is not m:
                 raise SupernetError(f"the frozen base given for {n!r} wraps another layer")
-            adapter = ElasticLoRA(base, config.max_rank, config.alpha, config.scaling, config.dropout, config.merge)
+            adapter = kind.build(base, config)
             parent_name, _, child = n.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, adapter)
@@ -223,8 +158,37 @@ class SuperNetwork:
             for p in model.get_submodule(n).parameters():
                 p.requires_grad_(True)
         self.groups = assign_groups(list(self.adapters), config.groups)
-        self.space = SearchSpace({g: list(config.ranks) for g in self.groups})
+        self.space = SearchSpace(dimensions=self._dimensions(kind))
         self._rows: dict[int, dict[str, int]] = {}
+        self._active = self.space.max_config()
+
+    def _dimensions(self, kind) -> list[Dimension]:
+        """Per group, one dimension for each dimension kind the adapter kind has: the primary one
+        (a rank) named after the group, as every run before kinds existed; the others
+        ``GROUP:KIND``, or one ``KIND`` for the whole network when ``scaling_per`` is global."""
+        dims: dict[str, Dimension] = {}
+        spread = {"scaling": self.config.scaling_per}
+        for group, names in self.groups.items():
+            for i, (dim_kind, choices) in enumerate(kind.dimensions(self.config).items()):
+                if i == 0 and dim_kind == DEFAULT_KIND:
+                    name = group
+                elif spread.get(dim_kind) == "global":
+                    name = dim_kind
+                else:
+                    name = f"{group}:{dim_kind}"
+                if name in dims:
+                    dims[name].modules += tuple(names)
+                else:
+                    dims[name] = Dimension(name, dim_kind, list(choices), tuple(names))
+        return list(dims.values())
+
+    def adapter_choices(self, config: Mapping[str, object]) -> dict[str, dict[str, object]]:
+        """``{module: {dimension kind: choice}}`` of a validated config: what each adapter is given."""
+        out: dict[str, dict[str, object]] = {n: {} for n in self.adapters}
+        for dim in self.space.dimensions:
+            for n in dim.modules:
+                out[n][dim.kind] = config[dim.name]
+        return out
 
     # ----------------------------------------------------------------- configs
     def sample(self, rng: np.random.Generator) -> Config:
@@ -242,9 +206,9 @@ class SuperNetwork:
     def activate(self, config: Mapping[str, object]) -> Config:
         """Set every adapter to its group's choice; returns the validated config."""
         config = self.space.validate(config)
-        for group, names in self.groups.items():
-            for n in names:
-                self.adapters[n].set_active(config[group])
+        for n, choices in self.adapter_choices(config).items():
+            self.adapters[n].set_active(choices)
+        self._active = config
         return config
 
     @contextlib.contextmanager
@@ -262,11 +226,11 @@ class SuperNetwork:
 
     def reset(self) -> None:
         """Back to the largest sub-network."""
-        for adapter in self.adapters.values():
-            adapter.reset()
+        self.activate(self.space.max_config())
 
     def active_config(self) -> Config:
-        return {g: int(self.adapters[names[0]].active_rank) for g, names in self.groups.items()}
+        """The configuration last activated (the largest until one is)."""
+        return dict(self._active)
 
     # ----------------------------------------------------------------- weights
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -294,15 +258,19 @@ class SuperNetwork:
         return sum(p.numel() for n in self.head_modules for p in self.model.get_submodule(n).parameters())
 
     def trainable_params(self, config: Mapping[str, object] | None = None) -> int:
-        """Parameters a sub-network trains and ships on top of the base.
-
-        ``sum over adapters of r * (in + out)`` plus the head (shared by every sub-network).
-        """
+        """Parameters a sub-network trains on top of the base: each adapter's at its choice
+        (LoRA: ``r * (in + out)``) plus the head (shared by every sub-network)."""
         config = self.active_config() if config is None else self.space.validate(config)
-        total = self.head_params()
-        for group, names in self.groups.items():
-            total += sum(self.adapters[n].adapter_params(config[group]) for n in names)
-        return total
+        choices = self.adapter_choices(config)
+        return self.head_params() + sum(a.adapter_params(choices[n]) for n, a in self.adapters.items())
+
+    def shipped_params(self, config: Mapping[str, object] | None = None) -> int:
+        """Parameters a sub-network ships beside the base (the ``params`` objective): as
+        :meth:`trainable_params`, but an update folded into its base (``sparse``, ``qa-sparse``)
+        ships no factors of its own."""
+        config = self.active_config() if config is None else self.space.validate(config)
+        choices = self.adapter_choices(config)
+        return self.head_params() + sum(a.shipped_params(choices[n]) for n, a in self.adapters.items())
 
     def _inside_adapter(self, name: str) -> bool:
         return any(name.startswith(a + ".") for a in self.adapters)
@@ -353,9 +321,8 @@ class SuperNetwork:
             if is_adaptable(module) and not self._inside_adapter(name):
                 fan_in, fan_out = layer_shape(module)
                 total += rows.get(name, 0) * fan_in * fan_out
-        for group, names in self.groups.items():
-            for n in names:
-                total += rows.get(n, 0) * self.adapters[n].macs_per_token(config[group], merged=merged)
+        for n, choices in self.adapter_choices(config).items():
+            total += rows.get(n, 0) * self.adapters[n].macs_per_token(choices, merged=merged)
         cfg = getattr(self.model, "config", None)
         hidden = getattr(cfg, "hidden_size", None)
         layers = getattr(cfg, "num_hidden_layers", None)
@@ -372,9 +339,8 @@ class SuperNetwork:
         merged = self.config.merge != "plain" if merged is None else merged
         total = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
                     if not self._inside_adapter(n))
-        for group, names in self.groups.items():
-            for n in names:
-                total += self.adapters[n].nbytes(config[group], merged=merged)
+        for n, choices in self.adapter_choices(config).items():
+            total += self.adapters[n].nbytes(choices, merged=merged)
         return int(total)
 
     def describe(self) -> dict:
@@ -382,6 +348,7 @@ class SuperNetwork:
         return {
             "groups": self.groups,
             "choices": self.space.choices,
+            **({"kinds": self.space.to_json()["kinds"]} if "kinds" in self.space.to_json() else {}),
             "num_adapters": len(self.adapters),
             "space_size": self.space.size(),
         }

@@ -19,13 +19,14 @@ import numpy as np
 
 from supernet import validate
 from supernet.errors import SupernetError
+from supernet.space import SearchSpace
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from supernet.search.objectives import Objective
 
-SEARCH_DIR = "search"  # as supernet.searching.SEARCH_DIR (not imported: it pulls in torch)
+SEARCH_DIR = "search"  # as supernet.commands.search.SEARCH_DIR (the library never imports the commands)
 SINGLE_POINT = ("midpoint", "allocator")  # strategies whose answer is one configuration
 
 #: objective name -> (factor from the raw metric to the plotted value, axis label, CSV column)
@@ -189,14 +190,17 @@ def load_searches(run_dir: Path, strict: bool = True) -> list[Search]:
 
 
 def mid_config(record: dict) -> dict | None:
-    """The run's heuristic midpoint from config.json's ``choices``: choice ``(len - 1) // 2`` of each
-    group's choices sorted largest to smallest; None when the record has no usable choices."""
+    """The run's heuristic midpoint from config.json's ``choices`` (and ``kinds``, for dimensions
+    that are not ranks): choice ``(len - 1) // 2`` of each dimension's choices in canonical order;
+    None when the record has no usable choices."""
     choices = record.get("choices")
     if not isinstance(choices, dict) or not choices:
         return None
+    kinds = record.get("kinds")
     try:
-        return {g: sorted((int(v) for v in c), reverse=True)[(len(c) - 1) // 2] for g, c in choices.items()}
-    except (TypeError, ValueError, IndexError):
+        space = SearchSpace.from_json({"choices": choices, "kinds": kinds if isinstance(kinds, dict) else {}})
+        return space.mid_config()
+    except (TypeError, ValueError, IndexError, AttributeError, SupernetError):
         return None
 
 
