@@ -266,10 +266,12 @@ def run_morea(ctx: SearchContext) -> None:
         generation += 1
         children = []
         for _ in range(population):
-            picks = [queue[i] for i in rng.choice(len(queue), size=min(sample, len(queue)), replace=False)]
-            ranks = NonDominatedSorting().do(np.array([r.objectives for r in picks], dtype=float),
+            # queue positions: the queue is in age order, so the lowest position of a rank is its oldest
+            # member (a record's index would not do: a re-proposed config re-enters with its old record)
+            positions = [int(i) for i in rng.choice(len(queue), size=min(sample, len(queue)), replace=False)]
+            ranks = NonDominatedSorting().do(np.array([queue[i].objectives for i in positions], dtype=float),
                                              return_rank=True)[1]
-            parent = min(zip(ranks, range(len(picks)), picks, strict=True), key=lambda t: (t[0], t[1]))[2]
+            parent = queue[min(zip(ranks, positions, strict=True))[1]]
             x = enc.encode(parent.config)
             var = int(rng.integers(enc.n_var))
             options = [v for v in range(int(enc.upper[var]) + 1) if v != x[var]]

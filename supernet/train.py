@@ -9,7 +9,6 @@ checkpoint reproduces the uninterrupted run exactly (weights, optimizer, schedul
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import math
@@ -25,10 +24,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
-from supernet import run as runio
+from supernet import runfiles as runio
 from supernet import validate
 from supernet.errors import SupernetError
 from supernet.loader import (  # noqa: F401  (TrainConfig, Setup, build: re-exported for users of train)
@@ -41,8 +40,10 @@ from supernet.loader import (  # noqa: F401  (TrainConfig, Setup, build: re-expo
     run_record,
 )
 from supernet.network import SuperNetwork
+from supernet.schedule import Schedule, mixed_precision
 from supernet.space import Config
 from supernet.tasks import BatchOrder, collate, evaluate, rows_of
+from supernet.train_logs import _CsvAppender, _rows_at, _truncate_log
 
 
 def step_configs(net: SuperNetwork, sampler: str, seed: int, step: int, k: int = 2) -> list[Config]:
@@ -84,11 +85,7 @@ class Trainer:
         self.cfg = setup.cfg
         self.run_dir = Path(run_dir)
         self.on_step = on_step
-        mp = self.cfg.mixed_precision
-        if mp == "auto":
-            env = os.environ.get("ACCELERATE_MIXED_PRECISION")
-            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            mp = env or ("bf16" if cuda_bf16 else "no")
+        mp = mixed_precision(self.cfg)
         # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: gloo on CPU.
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         _warn_single_cpu_launch()
@@ -101,9 +98,9 @@ class Trainer:
         self.net = setup.net
         self.params = [p for p in self.net.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, int(self.cfg.warmup_ratio * self.cfg.max_steps), self.cfg.max_steps
-        )
+        self.schedule = Schedule.cosine(self.cfg)
+        # through self.schedule, which load_checkpoint replaces: a lambda, whose state LambdaLR does not save
+        self.scheduler = LambdaLR(self.optimizer, lambda step: self.schedule(step))
         self.model = self.accelerator.prepare(self.net.model)
         self.step = 0
         acc = self.accelerator
@@ -135,12 +132,19 @@ class Trainer:
             runio.save_tensors(tmp / "trainable.safetensors", self.net.trainable_state_dict())
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        tmp / "optimizer.pt")
-            runio.write_json(tmp / "state.json", {"step": self.step, "processes": acc.num_processes})
+            runio.write_json(tmp / "state.json", {"step": self.step, "processes": acc.num_processes,
+                                                  "schedule": self.schedule.to_json()})
             runio.swap_dir(tmp, final)
         acc.wait_for_everyone()
 
-    def load_checkpoint(self) -> None:
-        """Load the newest complete checkpoint; with none yet (stopped before the first one), start at 0."""
+    def load_checkpoint(self, planned_steps: int | None = None) -> None:
+        """Load the newest complete checkpoint; with none yet (stopped before the first one), start at 0.
+
+        The learning-rate schedule is the checkpoint's, stretched from its step when
+        ``cfg.max_steps`` asks for another length (:class:`Schedule`). ``planned_steps``: the
+        ``max_steps`` the run was recorded with, the schedule of a checkpoint from before
+        schedules were saved (default ``cfg.max_steps``).
+        """
         if self.accelerator.is_main_process:
             runio.settle_checkpoints(self.run_dir)
         self.accelerator.wait_for_everyone()
@@ -162,12 +166,22 @@ class Trainer:
             self.optimizer.load_state_dict(opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])
             rng = load_file(str(ckpt / f"rng{self.accelerator.process_index}.safetensors"))
+            # a checkpoint from before schedules were saved ran the cosine of the recorded length
+            schedule = (Schedule.from_json(state["schedule"]) if "schedule" in state
+                        else Schedule.cosine(self.cfg, planned_steps))
         except Exception as e:  # a truncated or foreign file: many error types, one message
             raise SupernetError(f"checkpoint of {str(self.run_dir)!r} is corrupt: {type(e).__name__}") from None
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         self.step = step
+        self.schedule = schedule
+        if schedule.end != self.cfg.max_steps and self.cfg.max_steps > step:
+            self.schedule = schedule.stretched(step, self.cfg.max_steps)
+            if self.schedule(step) == 0 and self.accelerator.is_main_process:
+                print(f"supernet: note: run {str(self.run_dir)!r} finished its learning-rate schedule at step {step} "
+                      "(rate 0); the extension continues it at rate 0, so its steps leave the weights unchanged",
+                      file=sys.stderr)
 
     # ---------------------------------------------------------------- evaluation
     def validate(self) -> list[dict]:
@@ -282,64 +296,6 @@ def _warn_single_cpu_launch() -> None:
               "--num_processes N` or `torchrun --nproc_per_node N`, which supernet runs on gloo", file=sys.stderr)
 
 
-class _CsvAppender:
-    def __init__(self, path: Path, header: list[str]):
-        new = not path.exists() or path.stat().st_size == 0
-        self.f = open(path, "a", newline="")
-        self.w = csv.writer(self.f)
-        if new:
-            self.w.writerow(header)
-            self.f.flush()
-
-    def write(self, row: list) -> None:
-        self.w.writerow(row)
-        self.f.flush()
-
-
-def _log_rows(path: Path) -> tuple[list[str], list[list[str]], int]:
-    """Header, the rows whose step parses, and how many rows did not (hand-edited or torn)."""
-    with open(path, newline="", errors="replace") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        return [], [], 0
-    good = []
-    for r in rows[1:]:
-        try:
-            if len(r) == len(rows[0]):
-                int(r[0])
-                good.append(r)
-        except ValueError:
-            pass
-    return rows[0], good, len(rows) - 1 - len(good)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop rows past ``step`` (written after the checkpoint we resume from) and unreadable rows."""
-    if not path.exists():
-        return
-    header, rows, bad = _log_rows(path)
-    if not header:
-        return
-    if bad:
-        print(f"supernet: note: dropped {bad} unreadable row(s) from {path}", file=sys.stderr)
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([header] + [r for r in rows if int(r[0]) <= step])
-
-
-def _rows_at(path: Path, step: int) -> list[dict]:
-    """The validation rows logged at ``step``, as :meth:`Trainer.validate` returns them."""
-    if not path.exists():
-        return []
-    header, rows, _ = _log_rows(path)
-    out = []
-    for r in rows:
-        d = dict(zip(header, r, strict=True))
-        if int(d["step"]) == step:
-            out.append({"step": step, "subnet": d["subnet"], "accuracy": float(d["accuracy"]),
-                        "loss": float(d["loss"]), "examples": int(d["examples"])})
-    return out
-
-
 def train(cfg: TrainConfig, *, overwrite: bool = False,
           on_step: Callable[[int, Trainer], None] | None = None) -> dict:
     """Build, then train into ``cfg.run_dir()``; returns the summary (main process)."""
@@ -361,24 +317,28 @@ def resume(run_dir: str | Path, max_steps: int | None = None,
     With the same ``max_steps`` the result equals the uninterrupted run exactly, from any point
     where it stopped (before the first checkpoint too, and after the last one but before the
     final weights). A larger ``max_steps`` extends training; the cosine schedule is then
-    stretched to the new length from the checkpoint on.
+    stretched to the new length from the checkpoint on, continuously: from the rate the run is
+    at there to 0 at the new end (:class:`Schedule`; the checkpoints record it, so an extension
+    resumed again is exact too). A finished run is at rate 0, so extending it trains at 0.
     """
     run_dir = Path(run_dir)
     cfg = config_of_run(runio.read_run_config(run_dir))
+    planned = cfg.max_steps
     if max_steps is not None:
         cfg.max_steps = max_steps
         cfg.__post_init__()
-    return _run(cfg, run_dir, resuming=True, on_step=on_step)
+    return _run(cfg, run_dir, resuming=True, on_step=on_step, planned_steps=planned)
 
 
-def _run(cfg: TrainConfig, run_dir: Path, resuming: bool, on_step) -> dict:
+def _run(cfg: TrainConfig, run_dir: Path, resuming: bool, on_step, planned_steps: int | None = None) -> dict:
     # every user error is raised here, before anything is written
+    mixed_precision(cfg)
     setup = build(cfg, run_dir=run_dir if resuming else None, progress=True)
     if resuming:
         check_rebuilt(setup, runio.read_run_config(run_dir), run_dir)
     trainer = Trainer(setup, run_dir, on_step=on_step)
     if resuming:
-        trainer.load_checkpoint()
+        trainer.load_checkpoint(planned_steps)
         done = runio.finished_at(run_dir)
         if trainer.step >= cfg.max_steps and done is not None and done >= trainer.step:
             raise SupernetError(f"run {str(run_dir)!r} already finished at step {done}; raise --max-steps")

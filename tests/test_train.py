@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from supernet import run as runio
+from supernet import runfiles
 from supernet.errors import SupernetError
 from supernet.network import SuperNetwork
 from supernet.tasks import IGNORE, collate, evaluate, rows_of
@@ -57,7 +57,7 @@ def test_short_training_lowers_validation_loss(tiny_bert_dir, signal_csv, tmp_pa
         before.net.activate(before.net.space.named_config(sub))
         losses_before[sub] = evaluate(before.net.model, before.enc, "validation")["loss"]
     train(cfg)
-    from supernet.evaluate import eval_run
+    from supernet.commands.eval import eval_run
 
     for sub in ("max", "min"):
         after = eval_run(cfg.run_dir(), sub, "validation")
@@ -92,7 +92,7 @@ def test_causal_lm_training_lowers_answer_loss(confident_llama_dir, signal_csv, 
     assert {r["labels"] for r in rows} == {0, 1}
     before = evaluate(s.net.model, s.enc, "validation")["loss"]
     train(cfg)
-    from supernet.evaluate import eval_run
+    from supernet.commands.eval import eval_run
 
     for sub in ("max", "min"):
         after = eval_run(cfg.run_dir(), sub, "validation")
@@ -118,11 +118,11 @@ def test_resume_matches_uninterrupted(tiny_bert_dir, tiny_csv, tmp_path):
 
     with pytest.raises(Crash):
         train(broken, on_step=crash)
-    assert not (broken.run_dir() / runio.ADAPTER).exists()
+    assert not (broken.run_dir() / runfiles.ADAPTER).exists()
     assert json.loads((broken.run_dir() / "checkpoint" / "state.json").read_text())["step"] == 4
     resume(broken.run_dir())
-    a = runio.load_tensors(full.run_dir() / runio.ADAPTER)
-    b = runio.load_tensors(broken.run_dir() / runio.ADAPTER)
+    a = runfiles.load_tensors(full.run_dir() / runfiles.ADAPTER)
+    b = runfiles.load_tensors(broken.run_dir() / runfiles.ADAPTER)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -184,8 +184,8 @@ def test_two_process_data_parallel(tiny_bert_dir, tiny_csv, tmp_path, compressed
     assert list(log["config"]) == list(single_log["config"])
     np.testing.assert_allclose(log["loss"], single_log["loss"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(log["grad_norm"], single_log["grad_norm"], rtol=1e-3, atol=2e-4)
-    a = runio.load_tensors(run / runio.ADAPTER)
-    b = runio.load_tensors(single.run_dir() / runio.ADAPTER)
+    a = runfiles.load_tensors(run / runfiles.ADAPTER)
+    b = runfiles.load_tensors(single.run_dir() / runfiles.ADAPTER)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
@@ -217,7 +217,7 @@ def test_multiple_choice_causal_lm(confident_llama_dir, tmp_path):
     assert {len(a) for cs in s.enc.splits["validation"]["choice_ids"] for a in cs} == {2}
     before = evaluate(s.net.model, s.enc, "validation")["loss"]
     train(cfg)
-    from supernet.evaluate import eval_run
+    from supernet.commands.eval import eval_run
 
     after = eval_run(cfg.run_dir(), "max", "validation", predictions=tmp_path / "p.csv")
     assert after["accuracy"] >= 0.9, after
@@ -261,8 +261,8 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_bert_dir, tiny_csv, t
     assert list(logs[0]["config"]) == list(logs[1]["config"])
     np.testing.assert_allclose(logs[1]["loss"], logs[0]["loss"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(logs[1]["grad_norm"], logs[0]["grad_norm"], rtol=1e-3, atol=2e-4)
-    a = runio.load_tensors(big.run_dir() / runio.ADAPTER)
-    b = runio.load_tensors(acc.run_dir() / runio.ADAPTER)
+    a = runfiles.load_tensors(big.run_dir() / runfiles.ADAPTER)
+    b = runfiles.load_tensors(acc.run_dir() / runfiles.ADAPTER)
     init = build(big).net.trainable_state_dict()
     assert a.keys() == b.keys() == init.keys()
     for k in a:
@@ -283,7 +283,7 @@ def test_training_updates_only_the_sampled_ranks(tiny_bert_dir, tiny_csv, tmp_pa
     train(cfg)
     configs = [json.loads(c) for c in pd.read_csv(cfg.run_dir() / "train_log.csv")["config"]]
     assert len(configs) == 3
-    trained = runio.load_tensors(cfg.run_dir() / runio.ADAPTER)
+    trained = runfiles.load_tensors(cfg.run_dir() / runfiles.ADAPTER)
     below_max = 0
     for group, names in fresh.net.groups.items():
         top = max(c[group] for c in configs)
