@@ -7,6 +7,12 @@ floating-point reduction order, so a run stores them (bit-packed, ``compression.
 and every later ``eval``/``search``/``export``/``--resume`` reuses them; the quantisation grid is
 a deterministic function of the pruned weight and is recomputed. The run's ``config.json`` records
 a fingerprint of its masks (:func:`masks_fingerprint`), so that a mask file of another run is refused.
+
+Wanda's statistics are gathered in one of two orders (``--calibration-order``): ``sequential``,
+the reference's block by block order, where each block is scored on the outputs of the blocks
+before it *already pruned* (the default of new runs), or ``dense``, one pass over the unpruned
+model for every layer (the only order before the option existed: a run whose ``config.json``
+does not name an order was built with it; see :func:`supernet.loader.config_of_run`).
 """
 
 from __future__ import annotations
@@ -24,15 +30,17 @@ from safetensors import safe_open
 from torch import nn
 
 from supernet.bases import FrozenBase, frozen_base, layer_shape, linear_weight
-from supernet.compress.calibration import input_sq_norms
+from supernet.compress.calibration import input_sq_norms, sequential_sq_norms
 from supernet.compress.quant import BITS
 from supernet.compress.sparsity import parse_pattern, prune_mask
 from supernet.errors import SupernetError
-from supernet.run import save_tensors
+from supernet.runfiles import save_tensors
 from supernet.tasks import Encoded, collate, rows_of
 
 MASKS = "compression.safetensors"
 PRUNERS = ("wanda", "magnitude")
+ORDERS = ("sequential", "dense")  # --calibration-order; see the module's docstring
+LEGACY_ORDER = "dense"  # the order of runs recorded before --calibration-order existed
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,9 @@ class Compression:
         bits: 4 or 8 for an integer base; None keeps it in floating point.
         group_size: input columns per ``(scale, zero)``.
         calibration_samples: training sequences Wanda's statistics are gathered on.
+        calibration_order: ``sequential`` (block by block through the blocks already pruned, as
+            the reference Wanda) or ``dense`` (every layer's statistics from the unpruned model,
+            one pass). Only Wanda calibrates: magnitude pruning ignores it.
     """
 
     sparsity: float = 0.0
@@ -54,6 +65,7 @@ class Compression:
     bits: int | None = None
     group_size: int = 64
     calibration_samples: int = 128
+    calibration_order: str = "sequential"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -74,6 +86,9 @@ class Compression:
             raise SupernetError(f"--group-size must be positive, got {self.group_size}")
         if self.calibration_samples <= 0:
             raise SupernetError(f"--calibration-samples must be positive, got {self.calibration_samples}")
+        if self.calibration_order not in ORDERS:
+            raise SupernetError(f"unknown --calibration-order {self.calibration_order!r}; choose one of "
+                                f"{', '.join(ORDERS)}")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -122,6 +137,11 @@ def compute_masks(model: nn.Module, targets: Mapping[str, nn.Module], comp: Comp
                   device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """The keep-mask of every target layer (Wanda scores from calibration batches, or magnitude).
 
+    Wanda's statistics are gathered in ``comp.calibration_order``: ``dense``, one pass over the
+    unpruned model; ``sequential``, block by block, each block's layers pruned (their weights
+    zeroed where the mask drops them) before the next block's pass. The model's weights are
+    restored afterwards either way: pruning them for good is :func:`make_bases`'s work.
+
     ``device``: run the calibration forward passes there (a GPU when there is one); the model
     is moved back where it was afterwards.
     """
@@ -134,7 +154,10 @@ def compute_masks(model: nn.Module, targets: Mapping[str, nn.Module], comp: Comp
         model.to(device)
         try:
             moved = [{k: v.to(device) for k, v in b.items()} for b in batches]
-            norms, _ = input_sq_norms(model, targets, moved, progress=progress)
+            if comp.calibration_order == "dense":
+                norms, _ = input_sq_norms(model, targets, moved, progress=progress)
+            else:
+                return _sequential_masks(model, targets, comp, moved, progress)
         finally:
             model.to(home)
     masks = {}
@@ -143,6 +166,33 @@ def compute_masks(model: nn.Module, targets: Mapping[str, nn.Module], comp: Comp
         n = norms.get(name)
         masks[name] = prune_mask(w, None if n is None else n.to(w.device), comp.ratio, comp.pattern).cpu()
     return masks
+
+
+def _sequential_masks(model: nn.Module, targets: Mapping[str, nn.Module], comp: Compression,
+                      batches: list[dict], progress: bool) -> dict[str, torch.Tensor]:
+    """:func:`compute_masks` in the ``sequential`` order: each block is pruned (in place) as soon
+    as its statistics are in, so that the next block's pass sees the pruned network; every
+    dropped weight is put back at the end, even when a pass fails."""
+    masks: dict[str, torch.Tensor] = {}
+    dropped: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name: (drop mask, the values it zeroed)
+
+    @torch.no_grad()
+    def prune(norms: dict[str, torch.Tensor]) -> None:
+        for name, n in norms.items():
+            w = linear_weight(targets[name])  # a view for Conv1D: writing into it writes the layer
+            keep = prune_mask(w, n.to(w.device), comp.ratio, comp.pattern)
+            masks[name] = keep.cpu()
+            drop = ~keep.to(w.device)
+            dropped[name] = (drop, w[drop].clone())
+            w[drop] = 0
+
+    try:
+        sequential_sq_norms(model, targets, batches, prune, progress=progress)
+    finally:
+        with torch.no_grad():
+            for name, (drop, values) in dropped.items():
+                linear_weight(targets[name])[drop] = values
+    return {name: masks[name] for name in targets}
 
 
 def make_bases(targets: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor] | None,

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from supernet import run as runio
-from supernet import validate
-from supernet.adapters import MERGES
+from supernet import merges, validate
+from supernet import runfiles as runio
 from supernet.compression import (
+    LEGACY_ORDER,
     MASKS,
     Compression,
     calibration_batches,
@@ -83,7 +83,11 @@ class TrainConfig:
     bits: int | None = None
     group_size: int = 64
     adapter_merge: str = "plain"  # plain | sparse (SparsePEFT) | qa-sparse (QA-SparsePEFT)
+    adapter: str = "lora"  # the adapter kind (supernet.adapters.ADAPTER_KINDS)
+    scalings: list[str] = field(default_factory=list)  # scaling modes searched (empty: the one --scaling)
+    scaling_per: str = "group"  # a searched scaling: one per group, or one global
     calibration_samples: int = 128
+    calibration_order: str = "sequential"  # Wanda: sequential (block by block, pruned inputs) | dense
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32
     name: str | None = None
     out: str = "runs"
@@ -128,22 +132,12 @@ class TrainConfig:
             validate.run_name(self.name)
         for name in ("sparsity", "group_size", "calibration_samples"):
             validate.number(_flag(name), getattr(self, name))
-        for name in ("prune", "pattern", "adapter_merge"):
+        for name in ("prune", "pattern", "adapter_merge", "calibration_order"):
             validate.text_option(_flag(name), getattr(self, name))
         comp = self.compression()  # ranges, the pattern, bits
-        if self.adapter_merge not in MERGES:
-            raise SupernetError(f"unknown --adapter-merge {self.adapter_merge!r}; choose one of {', '.join(MERGES)}")
-        if self.adapter_merge == "qa-sparse" and comp.bits is None:
-            raise SupernetError("--adapter-merge qa-sparse trains through the quantiser: it needs --bits 4 or 8")
-        if self.adapter_merge == "sparse" and comp.bits is not None:
-            raise SupernetError("--adapter-merge sparse on an integer base would leave its grid: use qa-sparse "
-                                "(trained through the quantiser) or plain")
-        if self.adapter_merge == "sparse" and not comp.prunes:
-            raise SupernetError("--adapter-merge sparse masks the update with the base's zeros: it needs --sparsity "
-                                "or an N:M --pattern")
-        if self.adapter_merge != "plain" and self.dropout > 0:
-            raise SupernetError(f"--dropout needs --adapter-merge plain (a {self.adapter_merge} update is folded "
-                                "into the weight, with no input of its own)")
+        merges.check_options(self.adapter_merge, comp.bits is not None, comp.prunes, self.dropout)
+        SuperNetConfig(["any"], self.ranks, self.alpha, self.scaling, self.dropout, "block", [], self.adapter_merge,
+                       self.adapter, self.scalings, self.scaling_per)  # the adapter's options, checked now
         # a local model folder or data file is kept as an absolute path, so that the run can
         # be evaluated, searched and exported from any working directory
         for name in ("model", "dataset"):
@@ -183,7 +177,7 @@ class TrainConfig:
     def compression(self) -> Compression:
         """The frozen base's compression options, validated."""
         return Compression(self.sparsity, self.prune, self.pattern, self.bits, self.group_size,
-                           self.calibration_samples)
+                           self.calibration_samples, self.calibration_order)
 
     def run_dir(self) -> Path:
         if self.name is not None:
@@ -294,6 +288,9 @@ def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None 
         groups=groups,
         trainable_modules=HEAD_PATTERNS if task == "seq-cls" else [],
         merge=cfg.adapter_merge,
+        adapter=cfg.adapter,
+        scalings=list(cfg.scalings),
+        scaling_per=cfg.scaling_per,
     )
     enc = encode(data, tokenizer, task, cfg.max_length)
     comp, bases, masks = cfg.compression(), None, None
@@ -323,6 +320,7 @@ def run_record(setup: Setup) -> dict:
         "label_names": setup.label_names,
         "groups": setup.net.groups,
         "choices": setup.net.space.choices,
+        **{k: v for k, v in setup.net.space.to_json().items() if k == "kinds"},  # dimensions that are not ranks
         "macs": {k: setup.net.macs(c, setup.cfg.max_length) for k, c in named.items()},
         "trainable_params": {k: setup.net.trainable_params(c) for k, c in named.items()},
         "size": {k: setup.net.size(c) for k, c in named.items()},
@@ -352,7 +350,10 @@ def base_summary(net: SuperNetwork) -> dict:
 def config_of_run(record: dict) -> TrainConfig:
     """The training options of a recorded run, with its groups as trained (not a groups file
     that may have changed since)."""
-    cfg = TrainConfig.from_dict(record["train"])  # every option checked again: the file may be edited
+    train = record["train"]
+    if isinstance(train, dict) and "calibration_order" not in train:
+        train = {**train, "calibration_order": LEGACY_ORDER}  # recorded before the option: one dense pass
+    cfg = TrainConfig.from_dict(train)  # every option checked again: the file may be edited
     groups = record["supernet"].get("groups") if isinstance(record["supernet"], dict) else None
     if groups is not None:
         cfg.groups = validate.groups_mapping("config.json groups", groups) if isinstance(groups, dict) else groups
