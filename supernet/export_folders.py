@@ -122,19 +122,13 @@ def _swap_in(staging: Path, target: Path, pareto: bool = False) -> None:
     """Rename ``staging`` to ``target``; an old export there is moved aside, checked once more for
     files supernet did not write (they may have appeared while the export ran: then it is moved
     back and the export refused), and deleted last."""
-    if target.is_dir() and any(target.iterdir()):
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
+    def check(old: Path) -> None:
         found = foreign_entries(old, pareto)
         if found is None or found:
-            os.rename(old, target)
             _refuse_foreign("export folder", target, found)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old)
+
+    if target.is_dir() and any(target.iterdir()):
+        files.swap_dir(staging, target, check)
     else:
         os.replace(staging, target)
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,23 +30,53 @@ LEDGER = ".supernet-files.json"  # {name: {"bytes": n, "sha256": hex}} of the fi
 _CHUNK = 1 << 20
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[Path], None]) -> Path:
     """Write ``data`` to ``path`` through a new, uniquely named temporary sibling and a rename.
 
-    The temporary name is fresh (created exclusively), so a user's own ``NAME.tmp`` is never
-    touched, and the temporary file never outlives a failure.
+    ``data`` is the content, or a callable that writes the file it is given (a library's own
+    saver: safetensors, say). The temporary name is fresh, so a user's own ``NAME.tmp`` is never
+    touched, and the temporary file never outlives a failure. The one place a file is replaced.
     """
     path = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with open(tmp, "xb") as f:
-            f.write(raw)
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "xb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):
             tmp.unlink()
     return path
+
+
+def swap_dir(new: Path, final: Path, check_old: Callable[[Path], None] | None = None,
+             old: Path | None = None) -> None:
+    """Put the complete folder ``new`` in place of ``final``: the old one is renamed aside, the new
+    one renamed in, then the old one deleted; the one place a folder is replaced. A kill at any
+    point leaves a complete folder under ``final``, ``new`` or the aside name ``old`` (default: a
+    fresh hidden sibling name, so no folder of the user's is ever taken for it; a caller that
+    recovers from a kill by that name passes its own, which must be one of its own files).
+    ``check_old(old)`` runs on the old folder once it is aside; if it raises, the old folder is
+    put back and nothing is replaced."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    if old is None:
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:12]}")
+    elif old.exists():
+        shutil.rmtree(old)
+    os.replace(final, old)
+    try:
+        if check_old is not None:
+            check_old(old)
+        os.replace(new, final)
+    except (OSError, SupernetError):  # refused, or the rename failed: the old folder goes back
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _digest(data: bytes) -> dict:

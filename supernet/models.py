@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from supernet.errors import SupernetError
+from supernet.files import swap_dir
 
 TASKS = ("seq-cls", "causal-lm")
 
@@ -53,11 +54,11 @@ def _cache_gguf(name: str, pkg: Path, gguf_file: str) -> Path:
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
     tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():  # our own leftover of a killed caching
+        shutil.rmtree(tmp)
     clean.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    swap_dir(tmp, target)
     return target
 
 

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from supernet import files
 from supernet.errors import SupernetError
 from supernet.files import write_atomic
 from supernet.validate import inside, jsonable
@@ -103,16 +104,9 @@ def mark_run(run_dir: Path) -> None:
 
 
 def swap_dir(new: Path, final: Path) -> None:
-    """Put folder ``new`` in place of ``final``: the old one is renamed aside, the new one renamed in,
-    then the old one deleted. A kill at any point leaves a complete folder under one of the
-    names ``final``, ``final.tmp`` (= ``new``) or ``final.old``; :func:`checkpoints` reads all three."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
+    """:func:`supernet.files.swap_dir`: a kill at any point leaves a complete checkpoint under one of
+    the names ``final``, ``final.tmp`` (= ``new``) or ``final.old``; :func:`checkpoints` reads all three."""
+    files.swap_dir(new, final, old=final.with_name(final.name + ".old"))
 
 
 def checkpoints(run_dir: Path) -> tuple[list[tuple[int, Path]], bool]:
@@ -157,9 +151,8 @@ def finished_at(run_dir: Path) -> int | None:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    files.write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import assert_refused, cli
 
-from supernet import runfiles
+from supernet import files, runfiles
 from supernet.errors import SupernetError
 from supernet.train import TrainConfig, resume, train
 
@@ -327,7 +327,7 @@ def test_stop_before_the_first_checkpoint_resumes(tiny_bert_dir, tiny_csv, tmp_p
 def test_kill_inside_the_checkpoint_swap_resumes(tiny_bert_dir, tiny_csv, tmp_path, reference_run, monkeypatch):
     """Killed between moving the old checkpoint aside and renaming the new one in."""
     cfg = tiny_cfg(tiny_bert_dir, tiny_csv, tmp_path, name="swap")
-    real = runfiles.os.replace
+    real = files.os.replace  # the one folder swap (supernet.files.swap_dir)
     calls = []
 
     def replace(src, dst):
@@ -336,10 +336,10 @@ def test_kill_inside_the_checkpoint_swap_resumes(tiny_bert_dir, tiny_csv, tmp_pa
             raise Crash  # the second checkpoint (step 8): old one moved aside, new one not yet in
         return real(src, dst)
 
-    monkeypatch.setattr(runfiles.os, "replace", replace)
+    monkeypatch.setattr(files.os, "replace", replace)
     with pytest.raises(Crash):
         train(cfg)
-    monkeypatch.setattr(runfiles.os, "replace", real)
+    monkeypatch.setattr(files.os, "replace", real)
     run = cfg.run_dir()
     assert not (run / "checkpoint").exists() and (run / "checkpoint.old").is_dir()
     steps_run = []
