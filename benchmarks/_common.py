@@ -66,6 +66,18 @@ def train_fixed(model, enc, cfg, seed: int) -> float:
     return time.perf_counter() - t0
 
 
+def append_row(csv: Path, row: dict):
+    """Append one result row to ``csv`` (written whole each time, so an interrupted benchmark keeps
+    every row it finished and continues from them); returns the table."""
+    import pandas as pd
+
+    df = pd.read_csv(csv) if csv.exists() else pd.DataFrame()
+    df = pd.concat([df, pd.DataFrame([row])], ignore_index=True)
+    df.to_csv(csv, index=False)
+    print(json.dumps(row), flush=True)
+    return df
+
+
 def write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -21,7 +21,6 @@ Rows already in the CSV are kept, so an interrupted run continues where it stopp
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import time
@@ -29,7 +28,7 @@ import time
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from _common import RESULTS, machine, write_json
+from _common import RESULTS, append_row, machine, write_json
 
 from supernet.compression import Compression, calibration_batches, compute_masks
 from supernet.data import load_task_data
@@ -54,11 +53,7 @@ def done(df: pd.DataFrame, kind: str, order: str, seed: int) -> bool:
 
 
 def append(row: dict) -> pd.DataFrame:
-    df = pd.read_csv(CSV) if CSV.exists() else pd.DataFrame()
-    df = pd.concat([df, pd.DataFrame([row])], ignore_index=True)
-    df.to_csv(CSV, index=False)
-    print(json.dumps(row), flush=True)
-    return df
+    return append_row(CSV, row)
 
 
 @torch.no_grad()

@@ -16,13 +16,12 @@ train_step_speed.py.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 
 import pandas as pd
 import torch
-from _common import RESULTS, machine, peft_lora, train_fixed, write_json
+from _common import RESULTS, append_row, machine, peft_lora, train_fixed, write_json
 from accelerate.utils import set_seed
 
 from supernet.commands.eval import eval_run
@@ -40,11 +39,7 @@ def done(df: pd.DataFrame, seed: int, method: str, rank: int) -> bool:
 
 
 def append(row: dict) -> pd.DataFrame:
-    df = pd.read_csv(CSV) if CSV.exists() else pd.DataFrame()
-    df = pd.concat([df, pd.DataFrame([row])], ignore_index=True)
-    df.to_csv(CSV, index=False)
-    print(json.dumps(row), flush=True)
-    return df
+    return append_row(CSV, row)
 
 
 def main() -> None:

@@ -116,6 +116,15 @@ def signal_csv(tmp_path_factory) -> Path:
     are one class word ("good" or "bad"), the rest neutral filler. Same columns and labels as
     ``tiny_csv``. Tests that assert training progress use it, so that the outcome does not hang
     on a CPU's kernels."""
+    p = tmp_path_factory.mktemp("signal") / "signal.csv"
+    write_signal_csv(p)
+    return p
+
+
+def write_signal_csv(path: Path) -> None:
+    """The rows of ``signal_csv`` (also the data of tests/fixtures/make_old_run.py)."""
+    import pandas as pd
+
     rng = np.random.default_rng(0)
     rows = []
     for i in range(400):
@@ -123,11 +132,7 @@ def signal_csv(tmp_path_factory) -> Path:
         words = ["good" if pos else "bad"] * 3 + list(rng.choice(["movie", "plot", "cast"], 2))
         rng.shuffle(words)
         rows.append((" ".join(words), "yes" if pos else "no"))
-    import pandas as pd
-
-    p = tmp_path_factory.mktemp("signal") / "signal.csv"
-    pd.DataFrame(rows, columns=["sentence", "sentiment"]).to_csv(p, index=False)
-    return p
+    pd.DataFrame(rows, columns=["sentence", "sentiment"]).to_csv(path, index=False)
 
 
 @pytest.fixture(scope="session")

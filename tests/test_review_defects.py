@@ -11,18 +11,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import assert_refused, cli
+from test_train import tiny_cfg
 
 from supernet import runfiles as runio
 from supernet.space import SearchSpace
-from supernet.train import TrainConfig, resume, train
-
-
-def tiny_cfg(model_dir, csv, out, **kw):
-    base = dict(model=str(model_dir), dataset=str(csv), text_column="sentence", label_column="sentiment",
-                ranks=[8, 6, 4], batch_size=8, max_length=16, eval_samples=16, eval_every=50, save_every=50,
-                lr=1e-2, out=str(out), max_steps=30)
-    base.update(kw)
-    return TrainConfig(**base)
+from supernet.train import resume, train
 
 
 class Crash(RuntimeError):
