@@ -144,7 +144,7 @@ class SuperNetwork:
         kind = adapter_kind(config.adapter)
         for n, m in targets:
             base = bases.get(n, m)
-            if isinstance(base, FrozenBase) and base.layer is not m:
+            if base is not m and getattr(base, "layer", None) is not m:
                 raise SupernetError(f"the frozen base given for {n!r} wraps another layer")
             adapter = kind.build(base, config)
             parent_name, _, child = n.rpartition(".")
@@ -282,8 +282,8 @@ class SuperNetwork:
         rows: dict[str, int] = {}
         hooks = []
         for name, module in self.model.named_modules():
-            if isinstance(module, ElasticAdapter) or is_adaptable(module) and not self._inside_adapter(name):
-                fan_in = module.in_features if isinstance(module, ElasticAdapter) else layer_shape(module)[0]
+            if name in self.adapters or is_adaptable(module) and not self._inside_adapter(name):
+                fan_in = module.in_features if name in self.adapters else layer_shape(module)[0]
 
                 def hook(mod, inputs, output, name=name, fan_in=fan_in):
                     rows[name] = rows.get(name, 0) + inputs[0].numel() // fan_in

@@ -143,6 +143,8 @@ def test_peft_export_of_mixed_modes_reproduces_every_scale(tmp_path):
     batches = [{"input_ids": torch.randint(5, 1000, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}]
     manifest = export_peft(net, config, tmp_path / "peft", batches=batches)
     assert manifest["verification"]["max_abs_diff"] <= 1e-4
+    # the params objective is what the written adapter file holds (counted from its tensors)
+    assert manifest["shipped_params"] == net.shipped_params(config)
     adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert adapter_config["use_rslora"] is False
     alphas = adapter_config["alpha_pattern"]
