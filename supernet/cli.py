@@ -13,7 +13,9 @@ import os
 import sys
 import warnings
 
+from supernet.dimensions import SCALINGS
 from supernet.errors import SupernetError
+from supernet.merges import MERGES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +51,7 @@ TRAIN_FLAGS: list[tuple[str, dict]] = [
     ("ranks", {"help": "rank choices, e.g. 32,24,16"}),
     ("alpha", {"type": float, "help": "LoRA alpha [32]"}),
     ("adapter", {"help": "adapter kind, one of the registry supernet.adapters.ADAPTER_KINDS [lora]"}),
-    ("scaling", {"choices": ["fixed", "lora", "rora"], "help": "alpha/r_max, alpha/r or alpha/sqrt(r) [lora]"}),
+    ("scaling", {"choices": list(SCALINGS), "help": "alpha/r_max, alpha/r or alpha/sqrt(r) [lora]"}),
     ("scalings", {"help": "search the scaling mode too: two or more of fixed,lora,rora, sampled each step with "
                           "the ranks (the first is max's)"}),
     ("scaling-per", {"choices": ["group", "global"], "help": "a searched scaling: one per rank group or one for "
@@ -76,7 +78,7 @@ TRAIN_FLAGS: list[tuple[str, dict]] = [
     ("pattern", {"help": "unstructured, 2:4 or 4:8 (N of every M inputs kept) [unstructured]"}),
     ("bits", {"type": int, "help": "quantise the frozen base to 4 or 8 bits (asymmetric, group-wise)"}),
     ("group-size", {"type": int, "help": "input columns per quantisation scale [64]"}),
-    ("adapter-merge", {"choices": ["plain", "sparse", "qa-sparse"],
+    ("adapter-merge", {"choices": list(MERGES),
                        "help": "plain LoRA, SparsePEFT (update masked) or QA-SparsePEFT (trained through "
                                "the quantiser) [plain]"}),
     ("calibration-samples", {"type": int, "help": "training sequences for Wanda's statistics [128]"}),

@@ -168,3 +168,32 @@ def test_params_objective_counts_no_factors_folded_into_the_base():
     head = net.head_params()
     assert net.trainable_params() > head  # the factors are trained ...
     assert net.shipped_params() == head   # ... but folded into the sparse base, they never ship
+
+
+def test_searched_scaling_through_the_cli(capsys, tiny_train_args, tmp_path):
+    from conftest import cli
+
+    code, _, err = cli(capsys, "train", *tiny_train_args, "--scalings", "lora,rora,fixed", "--scaling-per", "global",
+                       "--name", "sc")
+    assert code == 0, err
+    run = tmp_path / "runs" / "sc"
+    record = json.loads((run / "config.json").read_text())
+    assert record["choices"]["scaling"] == MODES and record["kinds"] == {"scaling": "scaling"}
+    logged = {json.loads(c)["scaling"] for c in __import__("pandas").read_csv(run / "train_log.csv")["config"]}
+    assert logged <= set(MODES) and len(logged) > 1  # sampled per step
+    results = {}
+    for mode in MODES:
+        code, out, err = cli(capsys, "eval", "--run", run, "--subnet", f"min@{mode}", "--split", "test")
+        assert code == 0, err
+        results[mode] = json.loads(out)
+        assert results[mode]["config"]["scaling"] == mode
+    # one set of weights, three scales (at r_max, lora's alpha/r is fixed's alpha/r_max: hence min)
+    assert len({r["loss"] for r in results.values()}) == 3
+    code, _, err = cli(capsys, "search", "--run", run, "--objectives", "acc,macs", "--population", "4",
+                       "--evaluations", "8", "--eval-samples", "16", "--name", "s")
+    assert code == 0, err
+    code, _, err = cli(capsys, "export", "--run", run, "--subnet", "best", "--search", "s", "--format", "peft",
+                       "--out", tmp_path / "peft")
+    assert code == 0, err
+    code, _, err = cli(capsys, "train", *tiny_train_args, "--scalings", "lora,nope", "--name", "bad")
+    assert code == 2 and "unknown scaling 'nope'" in err and not (tmp_path / "runs" / "bad").exists()

@@ -147,7 +147,7 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
         raise SupernetError("--constraint chooses among front members: use it with --subnet best")
     record = runfiles.read_run_config(run_dir)
     runfiles.weights_path(run_dir)
-    space = SearchSpace.from_json({"choices": record.get("choices") or {}})
+    space = SearchSpace.from_json({"choices": record.get("choices") or {}, "kinds": record.get("kinds") or {}})
     jobs: list[tuple[str, dict | None, pd.Series | None]] = []  # (name, config or None=named, row)
     source = subnet or "pareto"
     if pareto or subnet == "best":
