@@ -69,11 +69,15 @@ def train_fixed(model, enc, cfg, seed: int) -> float:
 def append_row(csv: Path, row: dict):
     """Append one result row to ``csv`` (written whole each time, so an interrupted benchmark keeps
     every row it finished and continues from them); returns the table."""
+    import fcntl
+
     import pandas as pd
 
-    df = pd.read_csv(csv) if csv.exists() else pd.DataFrame()
-    df = pd.concat([df, pd.DataFrame([row])], ignore_index=True)
-    df.to_csv(csv, index=False)
+    with open(csv.with_name(csv.name + ".lock"), "w") as lock:  # several benchmark processes may share the table
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        df = pd.read_csv(csv) if csv.exists() else pd.DataFrame()
+        df = pd.concat([df, pd.DataFrame([row])], ignore_index=True)
+        df.to_csv(csv, index=False)
     print(json.dumps(row), flush=True)
     return df
 

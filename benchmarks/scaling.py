@@ -34,7 +34,7 @@ import time
 
 import pandas as pd
 import torch
-from _common import RESULTS, machine, write_json
+from _common import RESULTS, append_row, machine, write_json
 
 CSV = RESULTS / "scaling.csv"
 RANKS = (4, 8, 16, 32, 64, 128)
@@ -51,10 +51,7 @@ def done(df: pd.DataFrame, part: str, seed: int, run: str, subnet: str) -> bool:
 
 
 def append(row: dict) -> pd.DataFrame:
-    df = pd.concat([load(), pd.DataFrame([row])], ignore_index=True)
-    df.to_csv(CSV, index=False)
-    print(json.dumps(row), flush=True)
-    return df
+    return append_row(CSV, row)
 
 
 def train_and_score(part: str, seed: int, run: str, subnets: dict, steps: int, workdir: str, **options) -> None:
@@ -150,9 +147,12 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=8.0, help="alpha of the rank sweep (part rora)")
     ap.add_argument("--workdir", default=str(RESULTS.parent / "runs" / "bench-scaling"))
     ap.add_argument("--summarise-only", action="store_true")
+    ap.add_argument("--threads", type=int, help="torch threads (two processes of one thread each use two cores "
+                                                "better than one of two; they share the table)")
     args = ap.parse_args()
     if not args.summarise_only:
-        torch.set_num_threads(int(torch.get_num_threads()))
+        if args.threads:
+            torch.set_num_threads(args.threads)
         RESULTS.mkdir(exist_ok=True)
         seeds = [int(s) for s in args.seeds.split(",")]
         if args.part in ("rora", "all"):
