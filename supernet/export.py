@@ -60,6 +60,7 @@ from supernet.export_core import (  # noqa: F401
     SUBNET,
     TOLERANCE,
     Batch,
+    Staged,
     _checked,
     _device,
     _dtype,
@@ -71,6 +72,7 @@ from supernet.export_core import (  # noqa: F401
     base_model_copy,
     check_format,
     compare_outputs,
+    export_format,
     merge_into,
     merge_lora,
     merged_model,
@@ -97,6 +99,7 @@ from supernet.export_peft import (  # noqa: F401
     verify_peft,
 )
 from supernet.network import SuperNetwork
+from supernet.space import Config
 
 
 def _auto_class(model: nn.Module):
@@ -138,17 +141,7 @@ def verify_merged(directory: Path, model_class, expected_keys: set[str], device:
     return compare_outputs(loaded.to(device), batches, reference, dtype, "merged")
 
 
-def export_merged(
-    net: SuperNetwork,
-    config: Mapping[str, object],
-    out_dir: str | os.PathLike,
-    *,
-    batches: Sequence[Batch] | None = None,
-    tokenizer: Any = None,
-    macs: int | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-) -> dict:
+def export_merged(net: SuperNetwork, config: Mapping[str, object], out_dir: str | os.PathLike, **options: Any) -> dict:
     """Save the sub-network at ``config`` as a plain ``transformers`` model with the adapters merged.
 
     Verified before it is renamed into ``out_dir``: reloaded with ``AutoModelFor*.from_pretrained``
@@ -156,20 +149,20 @@ def export_merged(
     seeded random sequences) must match the super-network's within :data:`TOLERANCE`.
     Also writes ``subnet.json`` and ``manifest.json``; returns the manifest.
     """
-    config, target, inputs = _checked(net, config, out_dir, batches, macs, metadata, overwrite)
-    model = merged_model(net, config)
-    reference = reference_outputs(net, config, inputs)
+    return export_format("merged", net, config, out_dir, _prepare_merged, **options)
+
+
+def _prepare_merged(net: SuperNetwork, config: Config, tokenizer: Any) -> Staged:
+    held = [merged_model(net, config)]  # released once written: verification reloads from disk
+    model = held[0]
     model_class = _auto_class(model)
     device, dtype = _device(model), _dtype(model)
     keys, shipped = set(model.state_dict()), _num_params(model)
     layers = shipped_layers(net, model, "merged")
-    with staging_dir(target) as staging:
-        _save(model, tokenizer, staging)
-        del model
-        verification = verify_merged(staging, model_class, keys, device, dtype, inputs, reference)
-        manifest = _manifest("merged", net, config, shipped, verification, macs, metadata, layers, staging)
-        _write_meta(staging, manifest)
-    return manifest
+    del model
+    return Staged(write=lambda d: _save(held.pop(), tokenizer, d),
+                  verify=lambda d, x, ref: verify_merged(d, model_class, keys, device, dtype, x, ref),
+                  shipped=lambda d: shipped, layers=layers)
 
 
 def export(net: SuperNetwork, config: Mapping[str, object], out_dir: str | os.PathLike, fmt: str = "merged",

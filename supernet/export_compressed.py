@@ -18,21 +18,15 @@ from supernet.bases import linear_weight
 from supernet.errors import SupernetError
 from supernet.export_core import (
     Batch,
-    _checked,
+    Staged,
     _device,
     _dtype,
-    _manifest,
     _num_params,
-    _write_meta,
     at_config,
-    check_format,
     compare_outputs,
+    export_format,
     merged_model,
-    reference_outputs,
     shipped_layers,
-)
-from supernet.export_folders import (
-    staging_dir,
 )
 from supernet.network import SuperNetwork
 from supernet.space import Config
@@ -72,17 +66,8 @@ def verify_compressed(directory: Path, model: nn.Module, names: Sequence[str], b
     return {**out, "weights_exact": True}
 
 
-def export_compressed(
-    net: SuperNetwork,
-    config: Mapping[str, object],
-    out_dir: str | os.PathLike,
-    *,
-    batches: Sequence[Batch] | None = None,
-    tokenizer: Any = None,
-    macs: int | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-) -> dict:
+def export_compressed(net: SuperNetwork, config: Mapping[str, object], out_dir: str | os.PathLike,
+                      **options: Any) -> dict:
     """Save the sub-network at ``config`` merged and compressed (compressed-tensors format).
 
     QA-SparsePEFT layers are stored as the integers training evaluated (``pack-quantized``);
@@ -92,12 +77,13 @@ def export_compressed(
     The manifest records per layer its sparsity, bits, group size, parameters and bytes, and the
     files' size on disk.
     """
+    return export_format("compressed", net, config, out_dir, _prepare_compressed, **options)
+
+
+def _prepare_compressed(net: SuperNetwork, config: Config, tokenizer: Any) -> Staged:
     from supernet.compress.ct import write_bitmask, write_integers
 
-    check_format(net, "compressed")
-    config, target, inputs = _checked(net, config, out_dir, batches, macs, metadata, overwrite)
     model = merged_model(net, config)
-    reference = reference_outputs(net, config, inputs)
     integers, masks = _compressed_payload(net, model, config)
     if integers and masks:
         raise SupernetError("cannot store integer and floating-point pruned layers in one compressed checkpoint")
@@ -105,22 +91,25 @@ def export_compressed(
     layers = shipped_layers(net, model, "compressed")
     shipped = _num_params(model)
     check = copy.deepcopy(model)
-    with staging_dir(target) as staging:
+    held = [model]
+    del model
+
+    def write(staging: Path) -> None:
+        model = held.pop()
         if integers:
             write_integers(model, integers, staging)
         else:
             write_bitmask(model, masks, staging, net_structure(net))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        del model
-        verification = verify_compressed(staging, check, list(net.adapters), inputs, reference, dtype)
-        manifest = _manifest("compressed", net, config, shipped, verification, macs, metadata, layers, staging)
-        manifest["compressed_format"] = "pack-quantized" if integers else "sparse-bitmask"
-        manifest["loader"] = ("transformers: from_pretrained(dir, quantization_config=CompressedTensorsConfig("
-                              "dequantize=True)), or supernet.compress.load_compressed(dir)" if integers
-                              else "supernet.compress.load_compressed(dir)")
-        _write_meta(staging, manifest)
-    return manifest
+
+    extra = {"compressed_format": "pack-quantized" if integers else "sparse-bitmask",
+             "loader": ("transformers: from_pretrained(dir, quantization_config=CompressedTensorsConfig("
+                        "dequantize=True)), or supernet.compress.load_compressed(dir)" if integers
+                        else "supernet.compress.load_compressed(dir)")}
+    return Staged(write=write,
+                  verify=lambda d, x, ref: verify_compressed(d, check, list(net.adapters), x, ref, dtype),
+                  shipped=lambda d: shipped, layers=layers, extra=extra)
 
 
 def net_structure(net: SuperNetwork) -> str:

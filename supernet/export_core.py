@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from supernet.export_folders import (
     MANIFEST,
     MARKER,
     check_export_target,
+    staging_dir,
 )
 from supernet.network import SuperNetwork
 from supernet.runfiles import write_json
@@ -336,3 +338,51 @@ def check_format(net: SuperNetwork, fmt: str) -> None:
         if conv:
             raise SupernetError(f"--format compressed stores nn.Linear layers only; {conv[0]} is a "
                                 f"{type(net.adapters[conv[0]].base.layer).__name__}")
+
+
+@dataclass
+class Staged:
+    """One format's export, prepared in memory: how it writes itself into a folder, how the written
+    folder is checked against the reference outputs (``verify(folder, inputs, reference)`` gives
+    the measured differences), and what it ships."""
+
+    write: Callable[[Path], None]
+    verify: Callable[[Path, list, list], dict]
+    shipped: Callable[[Path], int]
+    layers: dict[str, dict] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Prepare = Callable[[SuperNetwork, Config, Any], Staged]
+
+
+def export_format(fmt: str, net: SuperNetwork, config: Mapping[str, object], out_dir, prepare: Prepare, *,
+                  batches: Sequence[Batch] | None = None, tokenizer: Any = None, macs: int | None = None,
+                  metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict:
+    """The one template every format follows: refuse what the run cannot produce, check the inputs
+    and the target, compute the super-network's reference outputs, let the format build its model
+    (``prepare(net, config, tokenizer) -> Staged``; it refuses a non-finite weight, naming the
+    module, before anything runs), write it into a staging
+    folder, verify the written folder, write ``subnet.json`` and ``manifest.json`` last, and swap
+    the folder into ``out_dir`` atomically (:func:`~supernet.export_folders.staging_dir`); a failure
+    at any step leaves nothing behind. Returns the manifest.
+
+    Args:
+        batches: verification inputs (default: two small batches of token ids).
+        tokenizer: saved beside the model when given.
+        macs: the sub-network's MACs, recorded in the manifest.
+        metadata: JSON recorded in the manifest (the search's accuracy, say).
+        overwrite: replace an earlier export of ours at ``out_dir``.
+    """
+    check_format(net, fmt)
+    config, target, inputs = _checked(net, config, out_dir, batches, macs, metadata, overwrite)
+    staged = prepare(net, config, tokenizer)
+    reference = reference_outputs(net, config, inputs)
+    with staging_dir(target) as staging:
+        staged.write(staging)
+        verification = staged.verify(staging, inputs, reference)
+        manifest = _manifest(fmt, net, config, staged.shipped(staging), verification, macs, metadata, staged.layers,
+                             staging)
+        manifest.update(staged.extra)
+        _write_meta(staging, manifest)
+    return manifest

@@ -23,25 +23,20 @@ from supernet.errors import SupernetError
 from supernet.export_core import (
     ADAPTER_NAME,
     Batch,
+    Staged,
     _check_finite,
     _check_heads,
-    _checked,
     _dtype,
-    _manifest,
     _safetensors_params,
     _save,
     _top_level,
-    _write_meta,
     at_config,
     base_model_copy,
-    check_format,
     compare_outputs,
-    reference_outputs,
-)
-from supernet.export_folders import (
-    staging_dir,
+    export_format,
 )
 from supernet.network import SuperNetwork
+from supernet.space import Config
 
 SCALE_RTOL = 1e-6  # PEFT's scaling of a module vs the adapter's trained scale
 
@@ -243,17 +238,7 @@ def _require_peft() -> None:
         raise SupernetError("a PEFT export needs the peft package (pip install peft)") from None
 
 
-def export_peft(
-    net: SuperNetwork,
-    config: Mapping[str, object],
-    out_dir: str | os.PathLike,
-    *,
-    batches: Sequence[Batch] | None = None,
-    tokenizer: Any = None,
-    macs: int | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-) -> dict:
+def export_peft(net: SuperNetwork, config: Mapping[str, object], out_dir: str | os.PathLike, **options: Any) -> dict:
     """Save the sub-adapter at ``config`` as a standard PEFT LoRA adapter directory.
 
     ``adapter_config.json`` names every target module by its full name with its rank
@@ -265,18 +250,14 @@ def export_peft(
     the super-network's within :data:`TOLERANCE`. Returns the manifest.
     """
     _require_peft()
-    check_format(net, "peft")
-    config, target, inputs = _checked(net, config, out_dir, batches, macs, metadata, overwrite)
+    return export_format("peft", net, config, out_dir, _prepare_peft, **options)
+
+
+def _prepare_peft(net: SuperNetwork, config: Config, tokenizer: Any) -> Staged:
     factors = peft_factors(net, config)
-    model = peft_model(net, config, factors)
-    reference = reference_outputs(net, config, inputs)
+    held = [peft_model(net, config, factors)]
     dtype = _dtype(net.model)
     heads = _top_level(net.head_modules)
-    with staging_dir(target) as staging:
-        _save(model, tokenizer, staging)
-        del model
-        verification = verify_peft(staging, net, factors, heads, dtype, inputs, reference)
-        shipped = _safetensors_params(staging / "adapter_model.safetensors")
-        manifest = _manifest("peft", net, config, shipped, verification, macs, metadata, directory=staging)
-        _write_meta(staging, manifest)
-    return manifest
+    return Staged(write=lambda d: _save(held.pop(), tokenizer, d),
+                  verify=lambda d, x, ref: verify_peft(d, net, factors, heads, dtype, x, ref),
+                  shipped=lambda d: _safetensors_params(d / "adapter_model.safetensors"))
