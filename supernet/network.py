@@ -110,6 +110,11 @@ class SuperNetConfig:
             self.groups = validate.groups_mapping("groups", dict(self.groups))
 
     @property
+    def global_kinds(self) -> set[str]:
+        """Dimension kinds that are one dimension for the whole network rather than one per group."""
+        return {"scaling"} if self.scaling_per == "global" else set()
+
+    @property
     def max_rank(self) -> int:
         return self.ranks[0]
 
@@ -165,14 +170,13 @@ class SuperNetwork:
     def _dimensions(self, kind) -> list[Dimension]:
         """Per group, one dimension for each dimension kind the adapter kind has: the primary one
         (a rank) named after the group, as every run before kinds existed; the others
-        ``GROUP:KIND``, or one ``KIND`` for the whole network when ``scaling_per`` is global."""
+        ``GROUP:KIND``, or one ``KIND`` for the whole network (``SuperNetConfig.global_kinds``)."""
         dims: dict[str, Dimension] = {}
-        spread = {"scaling": self.config.scaling_per}
         for group, names in self.groups.items():
             for i, (dim_kind, choices) in enumerate(kind.dimensions(self.config).items()):
                 if i == 0 and dim_kind == DEFAULT_KIND:
                     name = group
-                elif spread.get(dim_kind) == "global":
+                elif dim_kind in self.config.global_kinds:
                     name = dim_kind
                 else:
                     name = f"{group}:{dim_kind}"
