@@ -197,3 +197,26 @@ def test_searched_scaling_through_the_cli(capsys, tiny_train_args, tmp_path):
     assert code == 0, err
     code, _, err = cli(capsys, "train", *tiny_train_args, "--scalings", "lora,nope", "--name", "bad")
     assert code == 2 and "unknown scaling 'nope'" in err and not (tmp_path / "runs" / "bad").exists()
+
+
+def test_allocator_and_constraints_take_a_costless_dimension(tmp_path):
+    """A scaling dimension costs nothing: the allocator takes its steps when they lower the loss (gain
+    per unit cost is infinite), and a constraint on cost never excludes a mode."""
+    space = SearchSpace(dimensions=[Dimension("a", "rank", [2, 4, 8]), Dimension("scaling", "scaling", MODES)])
+
+    def evaluate(config):
+        penalty = {"lora": 0.0, "rora": 0.1, "fixed": 0.2}[config["scaling"]]
+        return {"accuracy": 0.5, "loss": 1.0 / config["a"] + penalty}
+
+    def cost(config):
+        return {"macs": float(config["a"]), "params": float(config["a"])}
+
+    result = run_search(space, evaluate, cost, tmp_path / "alloc",
+                        SearchSettings(algorithm="allocator", objectives="loss,macs", population=2, evaluations=2,
+                                       budget="macs=4"))
+    assert result.selected["config"] == {"a": 4, "scaling": "lora"}
+    grid = run_search(space, evaluate, cost, tmp_path / "grid",
+                      SearchSettings(algorithm="grid", objectives="loss,macs", population=3, evaluations=3,
+                                     constraint="macs<=4"))
+    assert {json.loads(c)["scaling"] for c in grid.history["config"]} == set(MODES)
+    assert {json.loads(c)["a"] for c in grid.history["config"]} == {2, 4}
