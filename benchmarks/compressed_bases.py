@@ -35,7 +35,7 @@ from _common import RESULTS, machine, write_json
 from safetensors import safe_open
 from train_step_speed import ALPHA, RANKS, batch, step
 
-from supernet.compression import Compression, compute_masks, make_bases
+from supernet.compressed_base import Compression, compute_masks, make_bases
 from supernet.export import export_compressed, merged_model
 from supernet.models import load_model
 from supernet.network import SuperNetConfig, SuperNetwork, default_targets, target_layers

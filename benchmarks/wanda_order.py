@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from _common import RESULTS, append_row, machine, write_json
 
-from supernet.compression import Compression, calibration_batches, compute_masks
+from supernet.compressed_base import Compression, calibration_batches, compute_masks
 from supernet.data import load_task_data
 from supernet.loader import TrainConfig
 from supernet.models import load_model

@@ -8,7 +8,7 @@ loaded back as plain ``transformers`` models (:mod:`.ct`, :func:`load_compressed
 
 Installed as ``supernet.compress`` (``package-dir`` in ``pyproject.toml``), never as a
 top-level ``compress`` module. It imports no super-network code; ``supernet.bases`` and
-``supernet.compression`` apply it to a model.
+``supernet.compressed_base`` apply it to a model.
 """
 
 from .calibration import input_sq_norms

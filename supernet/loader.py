@@ -18,7 +18,7 @@ from transformers import set_seed
 
 from supernet import merges, validate
 from supernet import runfiles as runio
-from supernet.compression import (
+from supernet.compressed_base import (
     LEGACY_ORDER,
     MASKS,
     Compression,
@@ -76,7 +76,7 @@ class TrainConfig:
     eval_every: int = 100
     save_every: int = 100
     seed: int = 0
-    # the frozen base (supernet.compression.Compression; DESIGN.md section 2)
+    # the frozen base (supernet.compressed_base.Compression; docs/METHODS.md section 2)
     sparsity: float = 0.0
     prune: str = "wanda"
     pattern: str = "unstructured"

@@ -24,7 +24,7 @@ from supernet.bases import QuantizedBase, linear_weight
 from supernet.cli import main
 from supernet.compress.ct import load_compressed
 from supernet.compress.quant import dequantize
-from supernet.compression import MASKS, Compression, compute_masks, make_bases
+from supernet.compressed_base import MASKS, Compression, compute_masks, make_bases
 from supernet.errors import SupernetError
 from supernet.export import check_format, export_compressed, export_merged, export_peft
 from supernet.loader import load_run
@@ -207,7 +207,7 @@ def test_a_compressed_run_records_and_rebuilds_its_base(qa_run, tmp_path, monkey
     import shutil
 
     import supernet.loader
-    from supernet.compression import save_masks
+    from supernet.compressed_base import save_masks
 
     copy = tmp_path / "copy"
     shutil.copytree(qa_run, copy)

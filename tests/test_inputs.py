@@ -49,7 +49,7 @@ BAD_OPTIONS = [
     (["--name", "/abs/path"], "one plain folder name"),
     (["--name", ""], "empty"),
     (["--name", ".."], "one plain folder name"),
-    # the compressed base (supernet.compression.Compression and TrainConfig)
+    # the compressed base (supernet.compressed_base.Compression and TrainConfig)
     (["--sparsity", "1.0"], "[0, 1)"),
     (["--sparsity", "-0.1"], "[0, 1)"),
     (["--sparsity", "nan"], "finite"),

@@ -12,11 +12,11 @@ import torch
 from conftest import assert_refused, cli, tiny_bert_config, tiny_llama_config
 from transformers import BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
-import supernet.compression
+import supernet.compressed_base
 from supernet import runfiles as runio
 from supernet.bases import linear_weight
 from supernet.compress.calibration import blocks_in_order
-from supernet.compression import MASKS, Compression, compute_masks, masks_fingerprint
+from supernet.compressed_base import MASKS, Compression, compute_masks, masks_fingerprint
 from supernet.errors import SupernetError
 from supernet.loader import build, config_of_run, load_run
 from supernet.network import SuperNetConfig, default_targets, target_layers
@@ -117,7 +117,7 @@ def test_sequential_is_deterministic_and_leaves_the_weights_alone():
 def test_the_weights_are_restored_when_calibration_fails(monkeypatch):
     _, model, targets, batches = masks_of("gpt2", "dense")  # GPT-2: Conv1D weights, written through a view
     before = {n: linear_weight(m).clone() for n, m in targets.items()}
-    real, calls = supernet.compression.prune_mask, []
+    real, calls = supernet.compressed_base.prune_mask, []
 
     def failing(*a, **k):
         calls.append(1)
@@ -125,7 +125,7 @@ def test_the_weights_are_restored_when_calibration_fails(monkeypatch):
             raise RuntimeError("boom")
         return real(*a, **k)
 
-    monkeypatch.setattr(supernet.compression, "prune_mask", failing)
+    monkeypatch.setattr(supernet.compressed_base, "prune_mask", failing)
     with pytest.raises(RuntimeError, match="boom"):
         compute_masks(model, targets, Compression(0.5, calibration_order="sequential"), batches)
     assert all(torch.equal(before[n], linear_weight(m)) for n, m in targets.items())
