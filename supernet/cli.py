@@ -84,7 +84,7 @@ TRAIN_FLAGS: list[tuple[str, dict]] = [
     ("calibration-samples", {"type": int, "help": "training sequences for Wanda's statistics [128]"}),
     ("calibration-order", {"choices": ["sequential", "dense"],
                            "help": "Wanda's statistics block by block through the blocks already pruned "
-                                   "(as the reference), or all from the dense model [sequential]"}),
+                                   "(as the reference), or all from the dense model [dense]"}),
     ("mixed-precision", {"choices": ["auto", "no", "bf16"]}),
     ("name", {"help": "run name: the run goes to OUT/NAME [MODEL-DATASET]"}),
     ("out", {"help": "folder of runs [runs]"}),

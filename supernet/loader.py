@@ -87,7 +87,7 @@ class TrainConfig:
     scalings: list[str] = field(default_factory=list)  # scaling modes searched (empty: the one --scaling)
     scaling_per: str = "group"  # a searched scaling: one per group, or one global
     calibration_samples: int = 128
-    calibration_order: str = "sequential"  # Wanda: sequential (block by block, pruned inputs) | dense
+    calibration_order: str = "dense"  # Wanda: dense (one pass) | sequential (block by block, pruned inputs)
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32
     name: str | None = None
     out: str = "runs"

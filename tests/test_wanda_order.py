@@ -162,8 +162,9 @@ def test_a_bad_order_is_refused_in_one_line(capsys, tiny_train_args, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_new_runs_default_to_sequential():
-    assert TrainConfig().calibration_order == "sequential" == Compression().calibration_order
+def test_new_runs_default_to_the_measured_better_order():
+    """dense: a tie in accuracy, 0.002 closer to the dense model's outputs (results/wanda_order.md)."""
+    assert TrainConfig().calibration_order == "dense" == Compression().calibration_order
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
