@@ -15,6 +15,7 @@ Three kinds: :class:`FrozenBase` (dense), :class:`MaskedBase` (pruned, Wanda or 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -49,6 +50,24 @@ def set_linear_weight(layer: nn.Module, w: torch.Tensor) -> None:
     target = layer.weight
     w = w.detach().to(device=target.device, dtype=target.dtype)
     target.copy_(w.t() if isinstance(layer, Conv1D) else w)
+
+
+@torch.no_grad()
+def cut_linear(layer: nn.Linear, keep_in: torch.Tensor | None, keep_out: torch.Tensor | None) -> nn.Linear:
+    """A new ``nn.Linear`` holding only the kept input columns and output rows (and bias entries)."""
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"only nn.Linear layers can be cut, not {type(layer).__name__}")
+    w = layer.weight
+    if keep_out is not None:
+        w = w[keep_out.to(w.device)]
+    if keep_in is not None:
+        w = w[:, keep_in.to(w.device)]
+    new = nn.Linear(w.shape[1], w.shape[0], bias=layer.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.copy_(w)
+    if layer.bias is not None:
+        new.bias.copy_(layer.bias if keep_out is None else layer.bias[keep_out.to(w.device)])
+    new.requires_grad_(layer.weight.requires_grad)
+    return new
 
 
 class FrozenBase(nn.Module):
@@ -102,6 +121,41 @@ class FrozenBase(nn.Module):
         so the result keeps the base's zeros (and, quantised, lies on its integer grid).
         """
         return self.weight().float() + (self.restrict(delta) if through else delta).float()
+
+    def cut(self, keep_in: torch.Tensor | None, keep_out: torch.Tensor | None) -> FrozenBase:
+        """This base with only the kept input columns and output rows (elastic width): the same
+        kind, its buffers (mask, integers, scales and zero points, ``W^p``) sliced alike. A
+        quantised base's kept columns must be whole groups."""
+        new = copy.copy(self)
+        new._parameters, new._buffers, new._modules = {}, {}, {}
+        new.layer = cut_linear(self.layer, keep_in, keep_out)
+        new.in_features, new.out_features = layer_shape(new.layer)
+        for name, t in self._buffers.items():
+            new._buffers[name] = None if t is None else self._cut_buffer(t, keep_in, keep_out)
+        return new
+
+    def _cut_buffer(self, t: torch.Tensor, keep_in: torch.Tensor | None, keep_out: torch.Tensor | None):
+        if keep_out is not None:
+            t = t[keep_out.to(t.device)]
+        if keep_in is None:
+            return t.clone()
+        if t.shape[1] == self.in_features:
+            return t[:, keep_in.to(t.device)].clone()
+        g = self.group_size  # (out, in / g): scale and zero point per group of input columns
+        if keep_in.numel() % g:
+            raise ValueError(f"kept columns must be whole quantisation groups of {g}")
+        groups = keep_in.view(-1, g)
+        if not bool((groups == groups[:, :1] + torch.arange(g)).all()) or bool((groups[:, 0] % g).any()):
+            raise ValueError(f"kept columns must be whole quantisation groups of {g}")
+        return t[:, (groups[:, 0] // g).to(t.device)].clone()
+
+    def column_align(self) -> int:
+        """How many consecutive input columns must be kept or cut together: a quantisation group,
+        an N:M block (``pattern`` ``N:M``), or 1."""
+        align = self.group_size if self.bits is not None and self.group_size else 1
+        if self.pattern and ":" in self.pattern:
+            align = math.lcm(align, int(self.pattern.split(":")[1]))
+        return align
 
     # ------------------------------------------------------------------ costs
     def nnz(self) -> int:

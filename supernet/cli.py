@@ -56,6 +56,12 @@ TRAIN_FLAGS: list[tuple[str, dict]] = [
                           "the ranks (the first is max's)"}),
     ("scaling-per", {"choices": ["group", "global"], "help": "a searched scaling: one per rank group or one for "
                                                                "the network [group]"}),
+    ("widths", {"help": "elastic width: fractions of each block's FFN neurons searched, e.g. 1.0,0.75,0.5 "
+                        "(neurons importance-ordered once before training)"}),
+    ("heads", {"help": "elastic heads: fractions of each block's attention heads searched, e.g. 1.0,0.5 "
+                       "(kept within each KV group)"}),
+    ("width-groups", {"choices": ["block", "global"],
+                      "help": "one width and heads choice per block, or one for the model (stock-loadable) [block]"}),
     ("dropout", {"type": float}),
     ("groups", {"help": "block, module, global or a JSON file {group: [patterns]} [block]"}),
     ("sampler", {"choices": ["uniform", "sandwich"], "help": "[uniform]"}),

@@ -9,7 +9,9 @@ is the first choice). Nothing outside this file asks what kind a dimension is: t
 the sampler, the search encoding, the allocator, history files and plots handle choices as
 opaque JSON values in this order; the adapters a dimension drives receive ``{kind: choice}``.
 
-A new kind (elastic width, heads, subspace union) is a class here with ``name``, ``parse`` and
+``width`` and ``heads`` (fractions of a block's feed-forward neurons and attention heads kept,
+larger first) are dimensions of the frozen base, not of an adapter: :mod:`supernet.width`
+drives them. A new kind (subspace union, say) is a class here with ``name``, ``parse`` and
 ``order``, added with :func:`register_dimension_kind`. Torch-free, so the search and the plot
 data import it without torch.
 """
@@ -70,10 +72,41 @@ class ScalingKind(DimensionKind):
         return list(dict.fromkeys(self.parse(c) for c in choices))
 
 
+class FractionKind(DimensionKind):
+    """A fraction of a structure kept, in ``(0, 1]``; larger first. Which counts it may give (whole
+    neurons, whole heads per KV group, whole quantisation groups) the model decides:
+    :mod:`supernet.width` checks every choice against the layers it cuts."""
+
+    what = ""
+
+    def parse(self, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise SupernetError(f"a {self.what} fraction must be a number in (0, 1], got {value!r}")
+        f = float(value)
+        if not 0.0 < f <= 1.0:
+            raise SupernetError(f"a {self.what} fraction must be in (0, 1], got {value!r}")
+        return f
+
+    def order(self, choices: Sequence[object]) -> list:
+        return sorted({self.parse(c) for c in choices}, reverse=True)
+
+
+class WidthKind(FractionKind):
+    """Elastic width (LoNAS): the fraction of a feed-forward block's intermediate neurons kept."""
+
+    name, what = "width", "width"
+
+
+class HeadsKind(FractionKind):
+    """Elastic heads: the fraction of a block's attention heads kept (within each KV group)."""
+
+    name, what = "heads", "heads"
+
+
 DIMENSION_KINDS: dict[str, DimensionKind] = {}
 #: The kind of a dimension a space file names without one (every space written before kinds existed).
 DEFAULT_KIND = "rank"
-RANK_KIND, SCALING_KIND = "rank", "scaling"
+RANK_KIND, SCALING_KIND, WIDTH_KIND, HEADS_KIND = "rank", "scaling", "width", "heads"
 
 
 def register_dimension_kind(kind: DimensionKind) -> DimensionKind:
@@ -86,6 +119,8 @@ def register_dimension_kind(kind: DimensionKind) -> DimensionKind:
 
 register_dimension_kind(RankKind())
 register_dimension_kind(ScalingKind())
+register_dimension_kind(WidthKind())
+register_dimension_kind(HeadsKind())
 
 
 def dimension_kind(name: str) -> DimensionKind:

@@ -102,7 +102,9 @@ def base_model_copy(net: SuperNetwork) -> nn.Module:
     memo: dict[int, Any] = {}
     for adapter in net.adapters.values():
         memo[id(adapter)] = copy.deepcopy(adapter.base.layer, memo)
-    return copy.deepcopy(net.model, memo)
+    model = copy.deepcopy(net.model, memo)
+    net.strip_masks(model)  # the elastic-width masks are the super-network's, not the copy's
+    return model
 
 
 def _check_finite(what: str, name: str, tensor: torch.Tensor) -> None:
@@ -129,12 +131,16 @@ def merged_model(net: SuperNetwork, config: Mapping[str, object]) -> nn.Module:
 
     The super-network is left as it was. Raises ``SupernetError`` if a merged weight is not finite.
     """
-    with at_config(net, config):
+    with at_config(net, config) as config:
         model = base_model_copy(net)
         for name, adapter in net.adapters.items():
             layer = model.get_submodule(name)
             merge_into(adapter, layer)
             _check_finite("merged weight", name, layer.weight)
+        if net.width is not None:  # elastic width: the kept rows and columns only, in a stock config
+            from supernet.width import cut_model
+
+            cut_model(model, net.width, config)
     _check_heads(net, model)
     return model.eval()
 
@@ -376,6 +382,9 @@ def export_format(fmt: str, net: SuperNetwork, config: Mapping[str, object], out
     """
     check_format(net, fmt)
     config, target, inputs = _checked(net, config, out_dir, batches, macs, metadata, overwrite)
+    if fmt != "merged" and net.cuts(config):
+        raise SupernetError(f"--format {fmt} of a sub-network with a narrowed width or fewer heads is not built yet; "
+                            "use --format merged (a physically smaller model)")
     staged = prepare(net, config, tokenizer)
     reference = reference_outputs(net, config, inputs)
     with staging_dir(target) as staging:

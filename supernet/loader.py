@@ -86,6 +86,9 @@ class TrainConfig:
     adapter: str = "lora"  # the adapter kind (supernet.adapters.ADAPTER_KINDS)
     scalings: list[str] = field(default_factory=list)  # scaling modes searched (empty: the one --scaling)
     scaling_per: str = "group"  # a searched scaling: one per group, or one global
+    widths: list[float] = field(default_factory=list)  # FFN neuron fractions searched (elastic width)
+    heads: list[float] = field(default_factory=list)  # attention-head fractions searched
+    width_groups: str = "block"  # block | global: one width and heads choice per block, or one for the model
     calibration_samples: int = 128
     calibration_order: str = "dense"  # Wanda: dense (one pass) | sequential (block by block, pruned inputs)
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32
@@ -137,7 +140,8 @@ class TrainConfig:
         comp = self.compression()  # ranges, the pattern, bits
         merges.check_options(self.adapter_merge, comp.bits is not None, comp.prunes, self.dropout)
         SuperNetConfig(["any"], self.ranks, self.alpha, self.scaling, self.dropout, "block", [], self.adapter_merge,
-                       self.adapter, self.scalings, self.scaling_per)  # the adapter's options, checked now
+                       self.adapter, self.scalings, self.scaling_per, self.widths, self.heads,
+                       self.width_groups)  # the adapter's and the width's options, checked now
         # a local model folder or data file is kept as an absolute path, so that the run can
         # be evaluated, searched and exported from any working directory
         for name in ("model", "dataset"):
@@ -159,6 +163,8 @@ class TrainConfig:
             try:
                 if kind.startswith("list[int]"):
                     v = parse_int_list(v, flag) if isinstance(v, str) else [_as_int(x) for x in _as_list(v)]
+                elif kind.startswith("list[float]"):
+                    v = parse_float_list(v, flag) if isinstance(v, str) else [_as_float(x) for x in _as_list(v)]
                 elif kind.startswith("list[str]"):
                     v = [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else [
                         _as_str(x) for x in _as_list(v)]
@@ -234,6 +240,16 @@ def parse_int_list(text: str, what: str) -> list[int]:
         raise SupernetError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
+def parse_float_list(text: str, what: str) -> list[float]:
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise SupernetError(f"{what} is empty")
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise SupernetError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
 def load_groups(spec: str | dict) -> str | dict:
     if isinstance(spec, dict) or spec in ("block", "module", "global"):
         return spec
@@ -254,10 +270,16 @@ class Setup:
     label_names: list[str]
     supernet_config: SuperNetConfig
     masks: dict | None = None  # the frozen bases' pruning masks (saved with the run)
+    width_order: dict | None = None  # the importance order of neurons and heads (elastic width)
 
     def save_masks(self, run_dir: Path) -> None:
+        """What the frozen base needs besides the model: masks and the width order."""
         if self.masks is not None:
             save_masks(Path(run_dir) / MASKS, self.masks)  # its fingerprint is in run_record's "bases"
+        if self.width_order is not None:
+            from supernet.width_order import ORDER_FILE, save_order
+
+            save_order(Path(run_dir) / ORDER_FILE, self.width_order)
 
 
 def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None = None,
@@ -291,8 +313,17 @@ def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None 
         adapter=cfg.adapter,
         scalings=list(cfg.scalings),
         scaling_per=cfg.scaling_per,
+        widths=list(cfg.widths),
+        heads=list(cfg.heads),
+        width_groups=cfg.width_groups,
     )
     enc = encode(data, tokenizer, task, cfg.max_length)
+    order = None
+    if cfg.widths or cfg.heads:  # before any pruning or quantisation: they see the re-ordered weights
+        from supernet.width_order import reorder
+
+        order = reorder(model, lambda: calibration_batches(enc, cfg.calibration_samples, cfg.seed),
+                        bool(cfg.widths), bool(cfg.heads), run_dir)
     comp, bases, masks = cfg.compression(), None, None
     if comp.active:
         targets = target_layers(model, sn_cfg)
@@ -306,7 +337,7 @@ def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None 
             masks = compute_masks(model, targets, comp, batches, progress=progress, device=device)
         bases = make_bases(targets, masks, comp, cfg.adapter_merge)
     net = SuperNetwork(model, sn_cfg, bases)
-    return Setup(cfg, task, net, tokenizer, enc, data.label_names, sn_cfg, masks)
+    return Setup(cfg, task, net, tokenizer, enc, data.label_names, sn_cfg, masks, order)
 
 
 def run_record(setup: Setup) -> dict:

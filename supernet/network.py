@@ -18,8 +18,9 @@ from torch import nn
 
 from supernet import validate
 from supernet.adapters import ADAPTER_KINDS, ElasticAdapter, adapter_kind
-from supernet.bases import FrozenBase, is_adaptable, layer_shape
-from supernet.dimensions import DEFAULT_KIND, SCALINGS, Dimension
+from supernet.bases import FrozenBase
+from supernet.costs import CostsMixin
+from supernet.dimensions import DEFAULT_KIND, HEADS_KIND, SCALINGS, WIDTH_KIND, Dimension, dimension_kind
 from supernet.errors import SupernetError
 from supernet.merges import MERGES
 from supernet.space import Config, SearchSpace
@@ -58,6 +59,10 @@ class SuperNetConfig:
         scalings: the scaling modes searched (two or more; ``scaling`` is then the first);
             empty: the one mode ``scaling``.
         scaling_per: ``group`` (each group its own mode) or ``global`` (one mode for the network).
+        widths: fractions of each block's FFN neurons searched (elastic width, :mod:`supernet.width`);
+            empty: the base keeps its width.
+        heads: fractions of each block's attention heads searched; empty: every head.
+        width_groups: ``block`` (a width and a heads choice per block) or ``global`` (one each).
     """
 
     target_modules: list[str]
@@ -71,6 +76,9 @@ class SuperNetConfig:
     adapter: str = "lora"
     scalings: list[str] = field(default_factory=list)
     scaling_per: str = "group"
+    widths: list[float] = field(default_factory=list)
+    heads: list[float] = field(default_factory=list)
+    width_groups: str = "block"
 
     def __post_init__(self) -> None:
         if not self.target_modules:
@@ -98,6 +106,16 @@ class SuperNetConfig:
             self.scaling = self.scalings[0]
         if self.scaling_per not in SPREADS:
             raise SupernetError(f"unknown --scaling-per {self.scaling_per!r}; use {' or '.join(SPREADS)}")
+        for kind, attr in ((WIDTH_KIND, "widths"), (HEADS_KIND, "heads")):
+            values = getattr(self, attr)
+            if isinstance(values, str) or not isinstance(values, (list, tuple)):
+                raise SupernetError(f"--{attr} must be a list of fractions, got {values!r}")
+            try:
+                setattr(self, attr, dimension_kind(kind).order(values) if values else [])
+            except SupernetError as e:
+                raise SupernetError(f"--{attr}: {e}") from None
+        if self.width_groups not in ("block", "global"):
+            raise SupernetError(f"unknown --width-groups {self.width_groups!r}; use block or global")
         if self.adapter not in ADAPTER_KINDS:
             adapter_kind(self.adapter)  # the one clear error
         if not 0.0 <= self.dropout < 1.0:
@@ -120,7 +138,7 @@ class SuperNetConfig:
 
 
 
-class SuperNetwork:
+class SuperNetwork(CostsMixin):
     """A Hugging Face model with elastic adapters in its target layers.
 
     The three verbs: :meth:`sample` (a seeded config), :meth:`activate` (set every adapter),
@@ -163,8 +181,16 @@ class SuperNetwork:
             for p in model.get_submodule(n).parameters():
                 p.requires_grad_(True)
         self.groups = assign_groups(list(self.adapters), config.groups)
-        self.space = SearchSpace(dimensions=self._dimensions(kind))
+        self.width = None  # elastic width and heads of the base (supernet.width), when searched
+        if config.widths or config.heads:
+            from supernet.width import WidthPlan
+
+            align = {n: a.base.column_align() for n, a in self.adapters.items()}
+            self.width = WidthPlan(model, config.widths, config.heads, config.width_groups, align)
+            self.width.install(model)
+        self.space = SearchSpace(dimensions=self._dimensions(kind) + (self.width.dimensions if self.width else []))
         self._rows: dict[int, dict[str, int]] = {}
+        self._costs: dict[tuple, int] = {}
         self._active = self.space.max_config()
 
     def _dimensions(self, kind) -> list[Dimension]:
@@ -187,7 +213,8 @@ class SuperNetwork:
         return list(dims.values())
 
     def adapter_choices(self, config: Mapping[str, object]) -> dict[str, dict[str, object]]:
-        """``{module: {dimension kind: choice}}`` of a validated config: what each adapter is given."""
+        """``{module: {dimension kind: choice}}`` of a validated config: what each adapter is given
+        (the width dimensions drive the base, not the adapters: :meth:`cuts`)."""
         out: dict[str, dict[str, object]] = {n: {} for n in self.adapters}
         for dim in self.space.dimensions:
             for n in dim.modules:
@@ -212,8 +239,22 @@ class SuperNetwork:
         config = self.space.validate(config)
         for n, choices in self.adapter_choices(config).items():
             self.adapters[n].set_active(choices)
+        if self.width is not None:
+            self.width.activate(config, self.model)
         self._active = config
         return config
+
+    def cuts(self, config: Mapping[str, object] | None = None) -> dict:
+        """``{module: (kept input columns, kept output rows)}`` of the layers a config narrows
+        (elastic width and heads); empty without them or at full width."""
+        if self.width is None:
+            return {}
+        return self.width.cuts(self.active_config() if config is None else self.space.validate(config))
+
+    def strip_masks(self, model: nn.Module) -> None:
+        """Remove the width masks from a copy of the model (:func:`supernet.export.base_model_copy`)."""
+        if self.width is not None:
+            self.width.strip(model)
 
     @contextlib.contextmanager
     def merged(self):
@@ -256,96 +297,6 @@ class SuperNetwork:
                         f"adapter weight {n!r} has shape {tuple(t.shape)}, expected {tuple(own[n].shape)}"
                     )
                 own[n].copy_(t)
-
-    # ----------------------------------------------------------------- costs
-    def head_params(self) -> int:
-        return sum(p.numel() for n in self.head_modules for p in self.model.get_submodule(n).parameters())
-
-    def trainable_params(self, config: Mapping[str, object] | None = None) -> int:
-        """Parameters a sub-network trains on top of the base: each adapter's at its choice
-        (LoRA: ``r * (in + out)``) plus the head (shared by every sub-network)."""
-        config = self.active_config() if config is None else self.space.validate(config)
-        choices = self.adapter_choices(config)
-        return self.head_params() + sum(a.adapter_params(choices[n]) for n, a in self.adapters.items())
-
-    def shipped_params(self, config: Mapping[str, object] | None = None) -> int:
-        """Parameters a sub-network ships beside the base (the ``params`` objective): as
-        :meth:`trainable_params`, but an update folded into its base (``sparse``, ``qa-sparse``)
-        ships no factors of its own."""
-        config = self.active_config() if config is None else self.space.validate(config)
-        choices = self.adapter_choices(config)
-        return self.head_params() + sum(a.shipped_params(choices[n]) for n, a in self.adapters.items())
-
-    def _inside_adapter(self, name: str) -> bool:
-        return any(name.startswith(a + ".") for a in self.adapters)
-
-    def _linear_rows(self, seq_len: int) -> dict[str, int]:
-        """Rows (tokens) each linear layer and each adapter sees for one sequence of ``seq_len`` tokens."""
-        if seq_len in self._rows:
-            return self._rows[seq_len]
-        rows: dict[str, int] = {}
-        hooks = []
-        for name, module in self.model.named_modules():
-            if name in self.adapters or is_adaptable(module) and not self._inside_adapter(name):
-                fan_in = module.in_features if name in self.adapters else layer_shape(module)[0]
-
-                def hook(mod, inputs, output, name=name, fan_in=fan_in):
-                    rows[name] = rows.get(name, 0) + inputs[0].numel() // fan_in
-
-                hooks.append(module.register_forward_hook(hook))
-        device = next(self.model.parameters()).device
-        ids = torch.ones(1, seq_len, dtype=torch.long, device=device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        finally:
-            for h in hooks:
-                h.remove()
-            self.model.train(was_training)
-        self._rows[seq_len] = rows
-        return rows
-
-    def macs(self, config: Mapping[str, object] | None = None, seq_len: int = 64, merged: bool = False) -> int:
-        """Multiply-accumulates of one forward pass over one sequence of ``seq_len`` tokens.
-
-        ``docs/METHODS.md`` section 3: a linear layer costs ``rows * in * out`` (rows = the
-        tokens it sees, measured once with hooks: all ``seq_len`` for block layers, one for a
-        pooler or classifier on the first token); an adapted layer asks its adapter, which counts
-        its base's non-zeros (a pruned base costs ``rows * nnz(W)``) and, unless merged,
-        ``rows * r * (in + out)``; attention adds ``2 * T^2 * d`` per layer (scores and
-        weighted sum). Embeddings, norms and softmax are not counted. ``merged``: the adapters
-        are folded into the base weights (an exported merged model), so they add nothing.
-        """
-        config = self.active_config() if config is None else self.space.validate(config)
-        rows = self._linear_rows(seq_len)
-        total = 0
-        for name, module in self.model.named_modules():
-            if is_adaptable(module) and not self._inside_adapter(name):
-                fan_in, fan_out = layer_shape(module)
-                total += rows.get(name, 0) * fan_in * fan_out
-        for n, choices in self.adapter_choices(config).items():
-            total += rows.get(n, 0) * self.adapters[n].macs_per_token(choices, merged=merged)
-        cfg = getattr(self.model, "config", None)
-        hidden = getattr(cfg, "hidden_size", None)
-        layers = getattr(cfg, "num_hidden_layers", None)
-        if hidden and layers:
-            total += 2 * seq_len * seq_len * hidden * layers
-        return int(total)
-
-    def size(self, config: Mapping[str, object] | None = None, merged: bool | None = None) -> int:
-        """Deployed bytes of the sub-network: every parameter outside the adapted layers at its
-        dtype, plus each adapted layer as it ships (its base at its precision and sparsity, and
-        the adapter merged into it or beside it). ``merged`` None: merged when the updates pass
-        through the bases (they are always folded in), else the compressed base with the factors."""
-        config = self.active_config() if config is None else self.space.validate(config)
-        merged = self.config.merge != "plain" if merged is None else merged
-        total = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
-                    if not self._inside_adapter(n))
-        for n, choices in self.adapter_choices(config).items():
-            total += self.adapters[n].nbytes(choices, merged=merged)
-        return int(total)
 
     def describe(self) -> dict:
         """A JSON summary: groups, their modules, and the size of the space."""

@@ -31,7 +31,7 @@ SUMMARY = "summary.json"
 MARKER = ".supernet-run"  # written first into every run folder: only such folders are ever replaced
 # What supernet itself writes into a run folder; --overwrite removes these and nothing else.
 OWN_ENTRIES = {MARKER, CONFIG, ADAPTER, SUMMARY, "train_log.csv", "eval_log.csv", CHECKPOINT, "compression.safetensors",
-               CHECKPOINT + ".tmp", CHECKPOINT + ".old", "search", "exports", "plots"}
+               "width_order.safetensors", CHECKPOINT + ".tmp", CHECKPOINT + ".old", "search", "exports", "plots"}
 
 
 def write_json(path: Path, data) -> None:

@@ -24,6 +24,7 @@ is one file that subclasses it and calls :func:`supernet.adapters.register_adapt
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -115,7 +116,28 @@ class ElasticAdapter(nn.Module):
         raise SupernetError(f"adapters of kind {self.kind or type(self).__name__!r} cannot be written as a PEFT "
                             "LoRA adapter; use --format merged")
 
+    def cut_param(self, name: str, value: torch.Tensor, keep_in: torch.Tensor | None,
+                  keep_out: torch.Tensor | None) -> torch.Tensor:
+        """Parameter ``name`` restricted to the kept input columns / output rows of a narrower base
+        (elastic width); a kind whose state cannot be cut says so."""
+        raise SupernetError(f"adapters of kind {self.kind or type(self).__name__!r} cannot follow an elastic width "
+                            "cut; train without --widths / --heads")
+
     # ------------------------------------------------------------------ shared by every kind
+    def cut(self, keep_in: torch.Tensor | None, keep_out: torch.Tensor | None) -> ElasticAdapter:
+        """A copy of this adapter on its base cut to the kept columns and rows (elastic width), its
+        parameters sliced by :meth:`cut_param`: what the cut sub-network ships and costs."""
+        new = copy.copy(self)
+        new._parameters, new._buffers, new._modules = {}, dict(self._buffers), dict(self._modules)
+        new.base = self.base.cut(keep_in, keep_out)
+        new.in_features, new.out_features = new.base.in_features, new.base.out_features
+        new._merged = None
+        with torch.no_grad():
+            for name, p in self._parameters.items():
+                value = self.cut_param(name, p.detach(), keep_in, keep_out).clone()
+                new._parameters[name] = nn.Parameter(value, requires_grad=p.requires_grad)
+        return new
+
     @property
     def primary(self) -> str:
         """The kind's first dimension: a bare choice (not a mapping) is a choice of it."""

@@ -170,6 +170,15 @@ class ElasticLoRA(ElasticAdapter):
     def adapter_macs_per_token(self, choice: object = None) -> int:
         return self.adapter_params(choice)
 
+    def cut_param(self, name: str, value: torch.Tensor, keep_in: torch.Tensor | None,
+                  keep_out: torch.Tensor | None) -> torch.Tensor:
+        """``A`` keeps its kept input columns, ``B`` its kept output rows."""
+        if name == "lora_A" and keep_in is not None:
+            return value[:, keep_in.to(value.device)]
+        if name == "lora_B" and keep_out is not None:
+            return value[keep_out.to(value.device)]
+        return value
+
     def lora_factors(self) -> LoraFactors:
         """``A[:r]``, ``B[:, :r]`` and the alpha PEFT needs for the trained scale.
 

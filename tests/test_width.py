@@ -1,0 +1,218 @@
+"""Elastic width and heads (LoNAS Mode B): re-ordering, masks, the physical cut, costs, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_refused, cli, tiny_bert_config, tiny_llama_config
+from transformers import BertForSequenceClassification, LlamaForCausalLM
+
+from supernet.errors import SupernetError
+from supernet.export_core import merged_model
+from supernet.network import SuperNetConfig, SuperNetwork, default_targets
+from supernet.width import find_blocks, kept_heads
+from supernet.width_order import apply_order, importance_order
+
+
+def bert(attn="sdpa"):
+    return BertForSequenceClassification(tiny_bert_config(num_labels=2, attn_implementation=attn)).eval()
+
+
+def llama(attn="sdpa"):
+    # 4 query heads in 2 KV groups: cutting heads must keep 1 or 2 per group
+    return LlamaForCausalLM(tiny_llama_config(attn_implementation=attn)).eval()
+
+
+def batch(seed=0, n=2, t=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 1000, (n, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # padding left out of the statistics
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits(model, b):
+    with torch.no_grad():
+        return model(**b).logits
+
+
+def reordered(model):
+    blocks = find_blocks(model)
+    order = importance_order(model, blocks, [batch(1), batch(2)], True, True)
+    apply_order(model, blocks, order)
+    return order
+
+
+def width_net(model, widths=(1.0, 0.75, 0.5), heads=(1.0, 0.5), per="block", **kw):
+    head = ["classifier"] if isinstance(model, BertForSequenceClassification) else []
+    net = SuperNetwork(model, SuperNetConfig(default_targets(model), ranks=[4, 2], widths=list(widths),
+                                             heads=list(heads), width_groups=per, trainable_modules=head, **kw))
+    with torch.no_grad():  # B is zero at init: randomised, so that a wrong cut of an adapter shows
+        for a in net.adapters.values():
+            a.lora_B.normal_(std=0.2)
+    return net
+
+
+@pytest.mark.parametrize("make", [bert, llama])
+def test_reordering_preserves_outputs_and_orders_by_importance(make):
+    model = make()
+    b = batch()
+    before = logits(model, b)
+    order = reordered(model)
+    assert torch.allclose(logits(model, b), before, atol=1e-5, rtol=1e-5)
+    blocks = find_blocks(model)
+    assert len(order) == 2 * len(blocks)
+    for blk in blocks:
+        assert sorted(order[blk.down].tolist()) == list(range(blk.neurons))
+        heads = order[blk.o].tolist()
+        assert sorted(heads) == list(range(blk.heads))
+        if blk.grouped:  # a head never leaves its KV group
+            size = blk.heads // blk.kv_heads
+            assert all(h // size == i // size for i, h in enumerate(heads))
+    # after re-ordering the order is the identity: the most important come first already
+    again = importance_order(model, blocks, [batch(1), batch(2)], True, True)
+    assert all(v.tolist() == sorted(v.tolist()) for v in again.values())
+
+
+def test_heads_stay_whole_within_kv_groups():
+    blk = find_blocks(llama())[0]
+    assert (blk.heads, blk.kv_heads) == (4, 2)
+    assert kept_heads(blk, 1) == [0, 2]  # the first head of each group
+    net = width_net(llama(), widths=(), heads=(1.0, 0.5), per="global")
+    cuts = net.cuts({**net.min_config()})
+    q = [n for n in cuts if n.endswith("q_proj")][0]
+    assert cuts[q][1].tolist() == list(range(0, 8)) + list(range(16, 24))  # head_dim 8
+    assert not any(n.endswith(("k_proj", "v_proj")) for n in cuts)  # every KV head stays
+
+
+@pytest.mark.parametrize("make,heads", [(bert, ()), (llama, (1.0, 0.5))])
+def test_super_network_equals_physically_cut_model(make, heads):
+    model = make()
+    reordered(model)
+    net = width_net(model, heads=heads, per="global")
+    b = batch(3)
+    rng = np.random.default_rng(0)
+    for cfg in [net.max_config(), net.mid_config(), net.min_config(), net.sample(rng), net.sample(rng)]:
+        net.activate(cfg)
+        expected = logits(net.model, b)
+        cut = merged_model(net, cfg)
+        assert torch.allclose(logits(cut, b), expected, atol=1e-5, rtol=1e-4)
+        blocks = [blk for blk in find_blocks(cut) if blk.has_ffn]
+        assert cut.config.intermediate_size == blocks[0].neurons == round(64 * cfg["width"])
+        if heads:
+            assert cut.config.num_attention_heads == round(4 * cfg["heads"])
+            assert cut.config.num_key_value_heads == 2
+
+
+def test_per_block_widths_are_masked_per_block_but_not_stock_exportable():
+    net = width_net(llama(), heads=())
+    cfg = {**net.max_config(), "L0:width": 0.5}
+    net.activate(cfg)
+    cuts = net.cuts()
+    assert {n.split(".")[2] for n in cuts} == {"0"}  # only block 0 is narrowed
+    with pytest.raises(SupernetError, match="width-groups global"):
+        merged_model(net, cfg)
+
+
+def test_bert_heads_cut_is_refused_for_a_stock_config():
+    net = width_net(bert(), widths=(), heads=(1.0, 0.5), per="global")
+    with pytest.raises(SupernetError, match="head size"):
+        merged_model(net, net.min_config())
+
+
+@pytest.mark.parametrize("make", [bert, llama])
+def test_macs_and_size_follow_the_cut(make):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make(attn="eager")  # eager attention runs its matmuls as bmm, which FlopCounterMode counts
+    net = width_net(model, heads=() if make is bert else (1.0, 0.5), per="global")
+    seq = 12
+    for cfg in [net.max_config(), net.mid_config(), net.min_config()]:
+        cut = merged_model(net, cfg)
+        with FlopCounterMode(display=False) as fc:
+            cut(input_ids=torch.ones(1, seq, dtype=torch.long))
+        assert net.macs(cfg, seq, merged=True) == fc.get_total_flops() // 2
+        shipped = sum(p.numel() * p.element_size() for p in cut.parameters())
+        assert net.size(cfg, merged=True) == shipped
+    assert net.macs(net.min_config(), seq) < net.macs(net.max_config(), seq)
+
+
+def test_adapters_are_cut_with_their_base():
+    net = width_net(llama(), per="global")
+    cfg = net.min_config()
+    cuts = net.cuts(cfg)
+    down = [n for n in cuts if n.endswith("down_proj")][0]
+    small = net.adapters[down].cut(*cuts[down])
+    assert small.lora_A.shape == (4, 32) and small.base.in_features == 32
+    assert net.trainable_params(cfg) == net.head_params() + sum(
+        2 * (a.cut(*cuts[n]) if n in cuts else a).in_features + 2 * (a.cut(*cuts[n]) if n in cuts else a).out_features
+        for n, a in net.adapters.items())
+
+
+def test_quantised_base_cut_keeps_whole_groups():
+    from supernet.bases import QuantizedBase
+
+    layer = torch.nn.Linear(64, 8)
+    base = QuantizedBase(layer, 4, 16)
+    keep = torch.arange(32)
+    small = base.cut(keep, None)
+    assert torch.equal(small.qweight, base.qweight[:, :32]) and small.scale.shape == (8, 2)
+    assert torch.equal(small.weight(), base.weight()[:, :32])
+    with pytest.raises(ValueError, match="whole quantisation groups"):
+        base.cut(torch.arange(24), None)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--widths", "1.0,0.3", "valid widths"),
+    ("--widths", "1.5", "in (0, 1]"),
+    ("--widths", "wide", "comma-separated numbers"),
+    ("--heads", "1.0,0.3", "valid fractions"),
+    ("--width-groups", "layer", "invalid choice"),
+])
+def test_bad_width_values_end_in_one_line(capsys, tiny_train_args, flag, value, message):
+    code, out, err = cli(capsys, "train", *tiny_train_args, flag, value)
+    assert_refused(code, err, message)
+
+
+def test_width_that_breaks_a_quantisation_group_is_refused(capsys, tiny_train_args):
+    code, out, err = cli(capsys, "train", *tiny_train_args, "--bits", "4", "--group-size", "32",
+                         "--widths", "1.0,0.75")
+    assert_refused(code, err, "multiple of 32")
+
+
+def test_cli_trains_searches_and_exports_a_stock_loadable_cut(capsys, tmp_path, tiny_llama_dir, tiny_csv):
+    import json
+
+    run = tmp_path / "runs" / "w"
+    args = ["--model", str(tiny_llama_dir), "--dataset", str(tiny_csv), "--text-column", "sentence",
+            "--label-column", "sentiment", "--prompt", "Review: {text}\nSentiment:", "--ranks", "4,2",
+            "--max-steps", "4", "--batch-size", "4",
+            "--eval-every", "2", "--save-every", "2", "--eval-samples", "8", "--calibration-samples", "8",
+            "--widths", "1.0,0.5", "--heads", "1.0,0.5", "--width-groups", "global", "--out", str(tmp_path / "runs"),
+            "--name", "w"]
+    code, out, err = cli(capsys, "train", *args)
+    assert code == 0, err
+    assert (run / "width_order.safetensors").exists()
+    code, out, err = cli(capsys, "eval", "--run", str(run), "--subnet", "min", "--split", "validation",
+                         "--limit", "8")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["config"]["width"] == 0.5
+    code, out, err = cli(capsys, "search", "--run", str(run), "--objectives", "acc,macs", "--algorithm", "random",
+                         "--evaluations", "4", "--population", "4", "--eval-samples", "8")
+    assert code == 0, err
+    export = tmp_path / "cut"
+    code, out, err = cli(capsys, "export", "--run", str(run), "--subnet", "min", "--out", str(export))
+    assert code == 0, err
+    # a fresh process with stock transformers only: no supernet import, the cut config as written
+    probe = ("import sys, torch; from transformers import AutoModelForCausalLM as A; "
+             f"m = A.from_pretrained({str(export)!r}); "
+             "assert 'supernet' not in sys.modules; "
+             "c = m.config; print(c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, "
+             "m.model.layers[0].self_attn.q_proj.out_features)")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["32", "2", "2", "16"]
