@@ -159,10 +159,20 @@ def _prepare_merged(net: SuperNetwork, config: Config, tokenizer: Any) -> Staged
     device, dtype = _device(model), _dtype(model)
     keys, shipped = set(model.state_dict()), _num_params(model)
     layers = shipped_layers(net, model, "merged")
+    extra = {}
+    if net.width is not None:  # elastic width: say how the cut model loads
+        from supernet.cut_models import PREFIX
+
+        stock = not model.config.model_type.startswith(PREFIX)
+        extra["width"] = {"stock_config": stock, "config": {k: getattr(model.config, k, None) for k in (
+            "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")},
+            "load": f"{model_class.__name__}.from_pretrained(folder)" if stock else
+            f"import supernet.cut_models, then {model_class.__name__}.from_pretrained(folder) (per-block shapes in "
+            "config.json cut_shapes)"}
     del model
     return Staged(write=lambda d: _save(held.pop(), tokenizer, d),
                   verify=lambda d, x, ref: verify_merged(d, model_class, keys, device, dtype, x, ref),
-                  shipped=lambda d: shipped, layers=layers)
+                  shipped=lambda d: shipped, layers=layers, extra=extra)
 
 
 def export(net: SuperNetwork, config: Mapping[str, object], out_dir: str | os.PathLike, fmt: str = "merged",

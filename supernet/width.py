@@ -334,38 +334,43 @@ def _breaks_groups(keep: torch.Tensor, align: int) -> bool:
 
 
 # ---------------------------------------------------------------------- the physical cut
-def cut_model(model: nn.Module, plan: WidthPlan, config: Mapping[str, object]) -> None:
-    """Slice ``model`` (a plain copy: no adapters, no masks) to ``config`` in place and set its
-    config's ``intermediate_size`` / ``num_attention_heads`` when every block has one value.
+def cut_model(model: nn.Module, plan: WidthPlan, config: Mapping[str, object]) -> bool:
+    """Slice ``model`` (a plain copy: no adapters, no masks) to ``config`` in place.
 
-    Raises SupernetError when the blocks differ or the architecture's config cannot express the
-    cut heads (BERT computes its head size as ``hidden_size / num_attention_heads``)."""
+    When every block keeps one width and one head count that the architecture's config can
+    hold, the config's ``intermediate_size`` / ``num_attention_heads`` (``num_key_value_heads``,
+    ``head_dim``) are set and the model stays stock: returns True. Otherwise (per-block widths, or
+    fewer heads in a BERT, whose head size is ``hidden_size / num_attention_heads``) the model
+    becomes its registered cut variant (:mod:`supernet.cut_models`): returns False.
+    """
     cuts = plan.cuts(config)
+    shapes = {}
     for name, (keep_in, keep_out) in cuts.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, cut_linear(model.get_submodule(name), keep_in, keep_out))
+        new = cut_linear(model.get_submodule(name), keep_in, keep_out)
+        setattr(parent, child, new)
+        shapes[name] = [new.out_features, new.in_features]
     cfg = model.config
     widths = {int(model.get_submodule(b.down).in_features) for b in plan.blocks if b.has_ffn}
-    heads = {v for v in plan.kept_heads(config).values()}
-    if len(widths) > 1 or len(heads) > 1:
-        raise SupernetError("this sub-network has different widths or head counts per block, which a stock "
-                            "config.json cannot express; train with --width-groups global")
+    heads = set(plan.kept_heads(config).values())
+    attn = plan.attention_blocks()
+    cut_heads = bool(attn) and heads != {attn[0].heads}
+    head_dim_in_config = "head_dim" in cfg.to_dict()
+    if len(widths) > 1 or len(heads) > 1 or cut_heads and not head_dim_in_config:
+        from supernet.cut_models import to_cut_class
+
+        to_cut_class(model, shapes)
+        return False
     if widths and hasattr(cfg, "intermediate_size"):
         cfg.intermediate_size = widths.pop()
-    if heads:
-        kept = heads.pop()
-        attn = [b for b in plan.blocks if b.has_attention]
-        if attn and kept != attn[0].heads:
-            b = attn[0]
-            if "head_dim" not in cfg.to_dict() and not hasattr(cfg, "head_dim"):
-                raise SupernetError(f"{type(cfg).__name__} derives the head size from hidden_size / "
-                                    "num_attention_heads, so a stock config cannot hold fewer heads; export "
-                                    "the full heads or use a Llama-style model")
-            cfg.head_dim = b.head_dim
-            cfg.num_attention_heads = kept
-            if hasattr(cfg, "num_key_value_heads"):
-                cfg.num_key_value_heads = b.kv_heads if b.grouped else kept
-            for module in model.modules():  # attention modules cache the group count
-                if hasattr(module, "num_key_value_groups"):
-                    module.num_key_value_groups = kept // (b.kv_heads if b.grouped else kept)
+    if cut_heads:
+        kept, b = heads.pop(), attn[0]
+        cfg.head_dim = b.head_dim
+        cfg.num_attention_heads = kept
+        if hasattr(cfg, "num_key_value_heads"):
+            cfg.num_key_value_heads = b.kv_heads if b.grouped else kept
+        for module in model.modules():  # attention modules cache the group count
+            if hasattr(module, "num_key_value_groups"):
+                module.num_key_value_groups = kept // (b.kv_heads if b.grouped else kept)
+    return True

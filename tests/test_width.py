@@ -11,7 +11,6 @@ import torch
 from conftest import assert_refused, cli, tiny_bert_config, tiny_llama_config
 from transformers import BertForSequenceClassification, LlamaForCausalLM
 
-from supernet.errors import SupernetError
 from supernet.export_core import merged_model
 from supernet.network import SuperNetConfig, SuperNetwork, default_targets
 from supernet.width import find_blocks, kept_heads
@@ -108,20 +107,36 @@ def test_super_network_equals_physically_cut_model(make, heads):
             assert cut.config.num_key_value_heads == 2
 
 
-def test_per_block_widths_are_masked_per_block_but_not_stock_exportable():
-    net = width_net(llama(), heads=())
-    cfg = {**net.max_config(), "L0:width": 0.5}
+@pytest.mark.parametrize("make,heads", [(bert, (1.0, 0.5)), (llama, (1.0, 0.5))])
+def test_per_block_cuts_export_as_the_registered_cut_class(tmp_path, make, heads):
+    """Per-block widths (and BERT with fewer heads, which no stock BERT config holds) are saved as
+    the cut variant of the stock class; a fresh process loads it with transformers after
+    ``import supernet.cut_models``, and computes what the super-network does."""
+    from supernet.export import export_merged
+
+    model = make()
+    reordered(model)
+    net = width_net(model, heads=heads)
+    cfg = {**net.max_config(), "L0:width": 0.5, "L1:width": 0.75, "L1:heads": 0.5}
     net.activate(cfg)
-    cuts = net.cuts()
-    assert {n.split(".")[2] for n in cuts} == {"0"}  # only block 0 is narrowed
-    with pytest.raises(SupernetError, match="width-groups global"):
-        merged_model(net, cfg)
-
-
-def test_bert_heads_cut_is_refused_for_a_stock_config():
-    net = width_net(bert(), widths=(), heads=(1.0, 0.5), per="global")
-    with pytest.raises(SupernetError, match="head size"):
-        merged_model(net, net.min_config())
+    downs = [cut[0].numel() for n, cut in net.cuts().items() if n.endswith(("down_proj", "layer.0.output.dense",
+                                                                              "layer.1.output.dense"))]
+    assert sorted(downs) == [32, 48]  # block 0 keeps half its 64 neurons, block 1 three quarters
+    b = batch(4)
+    expected = logits(net.model, b)
+    cut = merged_model(net, cfg)
+    assert cut.config.model_type.startswith("supernet-cut-")
+    assert torch.allclose(logits(cut, b), expected, atol=1e-5, rtol=1e-4)
+    manifest = export_merged(net, cfg, tmp_path / "cut", batches=[b])
+    assert manifest["width"]["stock_config"] is False and "supernet.cut_models" in manifest["width"]["load"]
+    torch.save({"b": b, "expected": expected}, tmp_path / "ref.pt")
+    probe = ("import torch, transformers, supernet.cut_models; "
+             f"m = transformers.AutoModel{'ForCausalLM' if make is llama else 'ForSequenceClassification'}"
+             f".from_pretrained({str(tmp_path / 'cut')!r}).eval(); r = torch.load({str(tmp_path / 'ref.pt')!r}); "
+             "y = m(**r['b']).logits; print(float((y - r['expected']).abs().max()))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout.split()[-1]) < 1e-4
 
 
 @pytest.mark.parametrize("make", [bert, llama])
