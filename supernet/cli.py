@@ -66,6 +66,9 @@ TRAIN_FLAGS: list[tuple[str, dict]] = [
     ("groups", {"help": "block, module, global or a JSON file {group: [patterns]} [block]"}),
     ("sampler", {"choices": ["uniform", "sandwich"], "help": "[uniform]"}),
     ("sandwich-random", {"type": int, "help": "random configs per sandwich step [2]"}),
+    ("distill", {"choices": ["none", "inplace"],
+                 "help": "inplace: every smaller sub-network learns the largest one's outputs in the same step "
+                         "(BigNAS) instead of the labels [none]"}),
     ("max-steps", {"type": int}),
     ("batch-size", {"type": int}),
     ("grad-accum", {"type": int}),

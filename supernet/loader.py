@@ -63,6 +63,7 @@ class TrainConfig:
     groups: str | dict = "block"  # block | module | global | JSON file path | {group: [patterns]}
     sampler: str = "uniform"
     sandwich_random: int = 2  # the k random configs of a sandwich step (besides max and min)
+    distill: str = "none"  # none | inplace: smaller sub-networks learn from the largest one's outputs (BigNAS)
     max_steps: int = 400
     batch_size: int = 16
     grad_accum: int = 1
@@ -102,6 +103,8 @@ class TrainConfig:
             raise SupernetError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.sampler not in SAMPLERS:
             raise SupernetError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.distill not in ("none", "inplace"):
+            raise SupernetError(f"unknown --distill {self.distill!r}; use none or inplace")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise SupernetError("--mixed-precision must be auto, no or bf16")
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_every", "save_every",

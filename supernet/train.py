@@ -58,6 +58,19 @@ def step_configs(net: SuperNetwork, sampler: str, seed: int, step: int, k: int =
     return [net.max_config(), net.min_config()] + [net.sample(rng) for _ in range(k)]
 
 
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """In-place distillation (BigNAS, Yu et al. 2020): ``KL(teacher || student)`` of the output
+    distributions, where the task scores them: every example's class logits (sequence
+    classification), or the positions that predict an answer token (causal LM: logits at ``t``
+    predict ``labels[t + 1]``, ``-100`` ignored). The teacher is the largest sub-network, detached."""
+    if student.dim() == 3:
+        keep = labels[:, 1:] != -100
+        student, teacher = student[:, :-1][keep], teacher[:, :-1][keep]
+    log_p = torch.log_softmax(student.float(), dim=-1)
+    log_q = torch.log_softmax(teacher.detach().float(), dim=-1)
+    return torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+
+
 def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
@@ -223,8 +236,14 @@ class Trainer:
             n_back = cfg.grad_accum * len(configs)
             k = 0
             active = []  # what the layers really ran, for the per-process trace
+            largest = self.net.max_config()
             for micro in range(cfg.grad_accum):
                 batch = self.micro_batch(self.step * cfg.grad_accum + micro)
+                teacher = None
+                if cfg.distill == "inplace" and configs[0] != largest:  # sandwich trains max first
+                    self.net.activate(largest)
+                    with torch.no_grad():
+                        teacher = self.model(**batch).logits
                 for config in configs:
                     self.net.activate(config)
                     if trace is not None:
@@ -232,7 +251,13 @@ class Trainer:
                     k += 1
                     sync = contextlib.nullcontext() if k == n_back else acc.no_sync(self.model)
                     with sync:
-                        loss = self.model(**batch).loss / n_back
+                        out = self.model(**batch)
+                        if teacher is not None and config != largest:
+                            loss = distill_loss(out.logits, teacher, batch.get("labels")) / n_back
+                        else:
+                            loss = out.loss / n_back
+                            if cfg.distill == "inplace":
+                                teacher = out.logits.detach()
                         acc.backward(loss)
                     total += float(loss.detach())
             grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)

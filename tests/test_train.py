@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import cli
 
 from supernet import runfiles
 from supernet.errors import SupernetError
@@ -294,3 +296,33 @@ def test_training_updates_only_the_sampled_ranks(tiny_bert_dir, tiny_csv, tmp_pa
             assert torch.equal(a[top:], init[f"{n}.lora_A"][top:]), (n, top)
             assert bool((b[:, :top] != 0).any(dim=0).all()), (n, top)
     assert below_max >= 2  # some groups never ran at full rank, so the check has teeth
+
+
+def test_distill_loss_is_kl_on_the_scored_positions():
+    from supernet.train import distill_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    manual = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
+    assert torch.allclose(distill_loss(s, t, None), manual, atol=1e-6)
+    assert float(distill_loss(t, t, None)) == pytest.approx(0.0, abs=1e-7)
+    # causal LM: only the positions that predict an answer token (labels shifted by one)
+    s3, t3 = torch.randn(1, 5, 7), torch.randn(1, 5, 7)
+    labels = torch.tensor([[-100, -100, -100, 3, 4]])
+    expected = distill_loss(s3[0, 2:4], t3[0, 2:4], None)
+    assert torch.allclose(distill_loss(s3, t3, labels), expected, atol=1e-6)
+    t3[0, 0] += 5.0  # a position outside the answer changes nothing
+    assert torch.allclose(distill_loss(s3, t3, labels), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "sandwich"])
+def test_inplace_distillation_trains_the_smaller_subnetworks_from_the_largest(capsys, tiny_train_args, sampler):
+    args = [*tiny_train_args, "--sampler", sampler, "--name", f"d-{sampler}"]
+    code, _, err = cli(capsys, "train", *args, "--distill", "inplace")
+    assert code == 0, err
+    run = Path(tiny_train_args[tiny_train_args.index("--out") + 1]) / f"d-{sampler}"
+    distilled = pd.read_csv(run / "train_log.csv")["loss"]
+    code, _, err = cli(capsys, "train", *args, "--overwrite")
+    assert code == 0, err
+    plain = pd.read_csv(run / "train_log.csv")["loss"]
+    assert distilled.notna().all() and not np.allclose(distilled, plain)  # another loss reached the adapters
