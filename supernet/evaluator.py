@@ -68,8 +68,16 @@ class Evaluator:
     @torch.no_grad()
     def latency(self, config: Mapping[str, object], repeats: int = 5) -> float:
         """Median seconds of one forward pass of ``latency_batch`` sequences of ``seq_len`` tokens
-        on this device (one warm-up pass first)."""
-        self.net.activate(config)  # unmerged: the latency of serving the sub-adapter as it is
+        on this device (one warm-up pass first).
+
+        Of the sub-adapter served as it is (unmerged), or, under elastic width, of the physically
+        cut model that ``supernet export`` writes (adapters merged): the narrowing only pays there."""
+        self.net.activate(config)
+        model = self.net.model
+        if self.net.width is not None:
+            from supernet.export_core import merged_model
+
+            model = merged_model(self.net, config)
         # Token ids drawn (seeded) from the model's own vocabulary: the cost of a forward pass does not
         # depend on which tokens it sees, but an id past the embedding table would fail.
         vocab = self.net.model.get_input_embeddings().num_embeddings
@@ -81,7 +89,7 @@ class Evaluator:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            self.net.model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids, attention_mask=mask)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             if i:

@@ -231,3 +231,20 @@ def test_cli_trains_searches_and_exports_a_stock_loadable_cut(capsys, tmp_path, 
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["32", "2", "2", "16"]
+
+
+def test_latency_objective_times_the_cut_model():
+    from supernet.evaluator import Evaluator
+
+    net = width_net(llama(), per="global")
+    evaluator = Evaluator.__new__(Evaluator)  # only the latency probe: no data needed
+    evaluator.net, evaluator.device, evaluator.seq_len, evaluator.latency_batch = net, torch.device("cpu"), 8, 2
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: seen.append(m.out_features) if isinstance(m, torch.nn.Linear) and m.out_features in (
+            16, 32, 64) and not any(m is x for x in net.model.modules()) else None)
+    try:
+        assert evaluator.latency(net.min_config(), repeats=1) > 0
+    finally:
+        hook.remove()
+    assert seen and 64 not in seen  # layers outside the super-network, every one narrowed (q 16, up/gate 32)
