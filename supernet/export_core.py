@@ -107,6 +107,17 @@ def base_model_copy(net: SuperNetwork) -> nn.Module:
     return model
 
 
+def cut_base_copy(net: SuperNetwork, config: Mapping[str, object]) -> nn.Module:
+    """:func:`base_model_copy`, cut to ``config``'s widths and heads (elastic width); the base
+    model itself without them."""
+    model = base_model_copy(net)
+    if net.width is not None and net.cuts(config):
+        from supernet.width import cut_model
+
+        cut_model(model, net.width, net.space.validate(config))
+    return model
+
+
 def _check_finite(what: str, name: str, tensor: torch.Tensor) -> None:
     if not torch.isfinite(tensor).all():
         raise SupernetError(f"{what} of {name!r} has NaN or inf values; refusing to export")
@@ -382,9 +393,9 @@ def export_format(fmt: str, net: SuperNetwork, config: Mapping[str, object], out
     """
     check_format(net, fmt)
     config, target, inputs = _checked(net, config, out_dir, batches, macs, metadata, overwrite)
-    if fmt != "merged" and net.cuts(config):
-        raise SupernetError(f"--format {fmt} of a sub-network with a narrowed width or fewer heads is not built yet; "
-                            "use --format merged (a physically smaller model)")
+    if fmt == "compressed" and net.cuts(config):
+        raise SupernetError("--format compressed of a sub-network with a narrowed width or fewer heads is not built "
+                            "yet; use --format merged or peft (both physically smaller models)")
     staged = prepare(net, config, tokenizer)
     reference = reference_outputs(net, config, inputs)
     with staging_dir(target) as staging:

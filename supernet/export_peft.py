@@ -31,22 +31,23 @@ from supernet.export_core import (
     _save,
     _top_level,
     at_config,
-    base_model_copy,
     compare_outputs,
+    cut_base_copy,
     export_format,
 )
 from supernet.network import SuperNetwork
 from supernet.space import Config
 
 SCALE_RTOL = 1e-6  # PEFT's scaling of a module vs the adapter's trained scale
+CUT_BASE = "base"  # a cut sub-network's PEFT export: the narrowed base model, saved in this sub-folder
 
 
 def peft_factors(net: SuperNetwork, config: Mapping[str, object]) -> dict[str, LoraFactors]:
     """Every adapter as PEFT LoRA factors at ``config`` (detached copies), checked finite."""
     with at_config(net, config):
-        factors = {}
+        factors, cuts = {}, net.cuts(config)
         for name, adapter in net.adapters.items():
-            f = adapter.lora_factors()
+            f = (adapter.cut(*cuts[name]) if name in cuts else adapter).lora_factors()  # on the cut base
             factors[name] = LoraFactors(f.lora_A.clone(), f.lora_B.clone(), f.alpha, f.rslora, f.scale)
             _check_finite("adapter factor lora_A", name, f.lora_A)
             _check_finite("adapter factor lora_B", name, f.lora_B)
@@ -192,7 +193,7 @@ def peft_model(net: SuperNetwork, config: Mapping[str, object], factors: Mapping
     from peft import get_peft_model
 
     factors = peft_factors(net, config) if factors is None else factors
-    base = base_model_copy(net)
+    base = cut_base_copy(net, config)
     heads = _check_heads(net, base)
     model = get_peft_model(base, lora_config(net, base, factors, heads), adapter_name=ADAPTER_NAME)
     layers = _lora_layers(model)
@@ -220,11 +221,16 @@ def _blank_heads(model: nn.Module, heads: Sequence[str]) -> None:
 
 
 def verify_peft(directory: Path, net: SuperNetwork, factors: Mapping[str, LoraFactors], heads: Sequence[str],
-                dtype: torch.dtype, batches: Sequence[Batch], reference: Sequence[torch.Tensor]) -> dict[str, float]:
-    """Load a PEFT export with stock ``PeftModel.from_pretrained`` on a fresh base and compare."""
+                dtype: torch.dtype, batches: Sequence[Batch], reference: Sequence[torch.Tensor],
+                config: Mapping[str, object] | None = None, base_class: Any = None) -> dict[str, float]:
+    """Load a PEFT export with stock ``PeftModel.from_pretrained`` on a fresh base and compare; a
+    cut sub-network's base is the one saved beside the adapter (``base/``), reloaded from disk."""
     from peft import PeftModel
 
-    base = base_model_copy(net)
+    if base_class is not None:
+        base = base_class.from_pretrained(str(directory / CUT_BASE), dtype=dtype)
+    else:
+        base = cut_base_copy(net, config or net.active_config())
     _blank_heads(base, heads)
     loaded = PeftModel.from_pretrained(base, str(directory), adapter_name=ADAPTER_NAME)
     check_peft_layers(loaded, factors)
@@ -258,6 +264,25 @@ def _prepare_peft(net: SuperNetwork, config: Config, tokenizer: Any) -> Staged:
     held = [peft_model(net, config, factors)]
     dtype = _dtype(net.model)
     heads = _top_level(net.head_modules)
-    return Staged(write=lambda d: _save(held.pop(), tokenizer, d),
-                  verify=lambda d, x, ref: verify_peft(d, net, factors, heads, dtype, x, ref),
-                  shipped=lambda d: _safetensors_params(d / "adapter_model.safetensors"))
+    if not net.cuts(config):
+        return Staged(write=lambda d: _save(held.pop(), tokenizer, d),
+                      verify=lambda d, x, ref: verify_peft(d, net, factors, heads, dtype, x, ref, config),
+                      shipped=lambda d: _safetensors_params(d / "adapter_model.safetensors"))
+    # elastic width: the adapter fits the cut base only, which is saved beside it (base/)
+    from supernet.export import _auto_class
+
+    base = cut_base_copy(net, config)
+    base_class = _auto_class(base)
+    stock = not base.config.model_type.startswith("supernet-cut-")
+
+    def write(d: Path) -> None:
+        _save(held.pop(), tokenizer, d)
+        _save(base, tokenizer, d / CUT_BASE)
+
+    load = (f"base = {base_class.__name__}.from_pretrained(folder/'{CUT_BASE}'); "
+            "PeftModel.from_pretrained(base, folder)")
+    return Staged(write=write, verify=lambda d, x, ref: verify_peft(d, net, factors, heads, dtype, x, ref, config,
+                                                                   base_class),
+                  shipped=lambda d: _safetensors_params(d / "adapter_model.safetensors"),
+                  extra={"width": {"base": CUT_BASE, "stock_config": stock,
+                                   "load": load if stock else "import supernet.cut_models; " + load}})

@@ -56,6 +56,7 @@ class TrainConfig:
     prompt: str | None = None  # causal-lm prompt with {text}; built-ins bring their own
     choices_column: str | None = None  # multiple choice: a column of answer lists (causal-lm)
     target_modules: list[str] | None = None  # None: every projection in the blocks
+    trainable_modules: list[str] | None = None  # trained whole (the new head); None: the task's default
     ranks: list[int] = field(default_factory=lambda: [32, 24, 16])
     alpha: float = 32.0
     scaling: str = "lora"
@@ -130,6 +131,9 @@ class TrainConfig:
             validate.prompt_template("--prompt", self.prompt)
         if self.target_modules is not None:
             self.target_modules = validate.patterns("--target-modules", self.target_modules)
+        if self.trainable_modules is not None:
+            self.trainable_modules = validate.patterns("--trainable-modules", self.trainable_modules) \
+                if self.trainable_modules else []
         if isinstance(self.groups, dict):
             self.groups = validate.groups_mapping("--groups", self.groups)
         else:
@@ -311,7 +315,8 @@ def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None 
         scaling=cfg.scaling,
         dropout=cfg.dropout,
         groups=groups,
-        trainable_modules=HEAD_PATTERNS if task == "seq-cls" else [],
+        trainable_modules=cfg.trainable_modules if cfg.trainable_modules is not None else
+        HEAD_PATTERNS if task == "seq-cls" else [],
         merge=cfg.adapter_merge,
         adapter=cfg.adapter,
         scalings=list(cfg.scalings),

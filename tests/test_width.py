@@ -248,3 +248,48 @@ def test_latency_objective_times_the_cut_model():
     finally:
         hook.remove()
     assert seen and 64 not in seen  # layers outside the super-network, every one narrowed (q 16, up/gate 32)
+
+
+@pytest.mark.parametrize("per", ["global", "block"])
+def test_peft_export_of_a_cut_subnetwork_ships_its_cut_base(tmp_path, per):
+    """The adapter fits the narrowed base, saved beside it; stock PEFT on that base (reloaded from
+    disk, in a fresh process) computes what the super-network does."""
+    from supernet.export import export
+
+    model = llama()
+    reordered(model)
+    net = width_net(model, per=per)
+    cfg = {**net.min_config(), **({"L0:width": 0.75} if per == "block" else {})}
+    b = batch(5)
+    net.activate(cfg)
+    expected = logits(net.model, b)
+    manifest = export(net, cfg, tmp_path / "p", fmt="peft", batches=[b])
+    assert manifest["width"]["stock_config"] is (per == "global")
+    assert (tmp_path / "p" / "base" / "config.json").exists()
+    torch.save({"b": b, "expected": expected}, tmp_path / "ref.pt")
+    probe = ("import torch, transformers, peft" + ("" if per == "global" else ", supernet.cut_models") + "; "
+             f"base = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'p' / 'base')!r}); "
+             f"m = peft.PeftModel.from_pretrained(base, {str(tmp_path / 'p')!r}).eval(); "
+             f"r = torch.load({str(tmp_path / 'ref.pt')!r}); "
+             "print(float((m(**r['b']).logits - r['expected']).abs().max()))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout.split()[-1]) < 1e-4
+
+
+def test_compressed_export_of_a_cut_subnetwork_is_refused_in_one_line():
+    from supernet.errors import SupernetError
+    from supernet.export import export
+
+    from supernet.bases import QuantizedBase
+    from supernet.targets import target_layers
+
+    model = llama()
+    cfg = SuperNetConfig(default_targets(model), ranks=[4, 2], widths=[1.0, 0.5], width_groups="global",
+                         merge="qa-sparse")
+    net = SuperNetwork(model, cfg, {n: QuantizedBase(m, 8, 8) for n, m in target_layers(model, cfg).items()})
+    # the costs of a cut integer base: whole groups kept, bytes and MACs fall with the width
+    assert net.size(net.min_config()) < net.size(net.max_config())
+    assert net.macs(net.min_config(), 8) < net.macs(net.max_config(), 8)
+    with pytest.raises(SupernetError, match="not built yet"):
+        export(net, net.min_config(), "/nonexistent/x", fmt="compressed")
