@@ -35,6 +35,7 @@ from supernet.errors import SupernetError
 from supernet.models import BUILTIN_MODELS, TASKS, check_task, infer_task, load_config, load_model
 from supernet.network import SuperNetConfig, SuperNetwork, default_targets, target_layers
 from supernet.tasks import Encoded, encode
+from supernet.validate import as_float, as_int, as_list, as_str, flag_name, parse_float_list, parse_int_list
 
 SAMPLERS = ("uniform", "sandwich")
 HEAD_PATTERNS = ["classifier", "score"]
@@ -111,9 +112,9 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_every", "save_every",
                      "train_samples", "eval_samples"):
             if getattr(self, name) is not None:
-                validate.number(_flag(name), getattr(self, name), low=0, low_open=True)
+                validate.number(flag_name(name), getattr(self, name), low=0, low_open=True)
         for name in ("lr", "alpha", "max_grad_norm"):
-            validate.number(_flag(name), getattr(self, name), low=0, low_open=True)
+            validate.number(flag_name(name), getattr(self, name), low=0, low_open=True)
         validate.number("--sandwich-random", self.sandwich_random, low=0)
         validate.number("--weight-decay", self.weight_decay, low=0)
         validate.seed("--seed", self.seed)
@@ -124,7 +125,7 @@ class TrainConfig:
         if self.dropout >= 1:
             raise SupernetError("--dropout must be below 1")
         for name in ("model", "dataset", "text_column", "label_column", "out"):
-            validate.text_option(_flag(name), getattr(self, name))
+            validate.text_option(flag_name(name), getattr(self, name))
         if self.choices_column is not None:
             validate.text_option("--choices-column", self.choices_column)
         if self.prompt is not None:
@@ -141,9 +142,9 @@ class TrainConfig:
         if self.name is not None:
             validate.run_name(self.name)
         for name in ("sparsity", "group_size", "calibration_samples"):
-            validate.number(_flag(name), getattr(self, name))
+            validate.number(flag_name(name), getattr(self, name))
         for name in ("prune", "pattern", "adapter_merge", "calibration_order"):
-            validate.text_option(_flag(name), getattr(self, name))
+            validate.text_option(flag_name(name), getattr(self, name))
         comp = self.compression()  # ranges, the pattern, bits
         merges.check_options(self.adapter_merge, comp.bits is not None, comp.prunes, self.dropout)
         SuperNetConfig(["any"], self.ranks, self.alpha, self.scaling, self.dropout, "block", [], self.adapter_merge,
@@ -169,20 +170,20 @@ class TrainConfig:
             flag = "--" + f.name.replace("_", "-")
             try:
                 if kind.startswith("list[int]"):
-                    v = parse_int_list(v, flag) if isinstance(v, str) else [_as_int(x) for x in _as_list(v)]
+                    v = parse_int_list(v, flag) if isinstance(v, str) else [as_int(x) for x in as_list(v)]
                 elif kind.startswith("list[float]"):
-                    v = parse_float_list(v, flag) if isinstance(v, str) else [_as_float(x) for x in _as_list(v)]
+                    v = parse_float_list(v, flag) if isinstance(v, str) else [as_float(x) for x in as_list(v)]
                 elif kind.startswith("list[str]"):
                     v = [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else [
-                        _as_str(x) for x in _as_list(v)]
+                        as_str(x) for x in as_list(v)]
                 elif kind.startswith("int"):
-                    v = _as_int(v)
+                    v = as_int(v)
                 elif kind.startswith("float"):
-                    v = _as_float(v)
+                    v = as_float(v)
                 elif kind.startswith("str | dict"):
-                    v = v if isinstance(v, dict) else _as_str(v)
+                    v = v if isinstance(v, dict) else as_str(v)
                 elif kind.startswith("str"):
-                    v = _as_str(v)
+                    v = as_str(v)
             except (TypeError, ValueError):
                 raise SupernetError(f"{flag} has the wrong type: {v!r}") from None
             setattr(self, f.name, v)
@@ -207,54 +208,6 @@ class TrainConfig:
         if unknown:
             raise SupernetError(f"unknown training option(s): {', '.join(map(str, unknown))}")
         return cls(**data)
-
-
-def _as_list(v) -> list:
-    if not isinstance(v, (list, tuple)):
-        raise TypeError
-    return list(v)
-
-
-def _as_int(v) -> int:
-    if isinstance(v, bool) or isinstance(v, float) and not v.is_integer():
-        raise TypeError
-    return int(v)
-
-
-def _as_float(v) -> float:
-    if isinstance(v, bool):
-        raise TypeError
-    return float(v)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _as_str(v) -> str:
-    if not isinstance(v, (str, int, float)) or isinstance(v, bool):
-        raise TypeError
-    return str(v)
-
-
-def parse_int_list(text: str, what: str) -> list[int]:
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    if not parts:
-        raise SupernetError(f"{what} is empty")
-    try:
-        return [int(p) for p in parts]
-    except ValueError:
-        raise SupernetError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-
-def parse_float_list(text: str, what: str) -> list[float]:
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    if not parts:
-        raise SupernetError(f"{what} is empty")
-    try:
-        return [float(p) for p in parts]
-    except ValueError:
-        raise SupernetError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 def load_groups(spec: str | dict) -> str | dict:

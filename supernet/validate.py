@@ -210,3 +210,52 @@ def jsonable(value):
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value
+
+
+# ----------------------------------------------------------------------------- option values from YAML or flags
+def as_list(v) -> list:
+    if not isinstance(v, (list, tuple)):
+        raise TypeError
+    return list(v)
+
+
+def as_int(v) -> int:
+    if isinstance(v, bool) or isinstance(v, float) and not v.is_integer():
+        raise TypeError
+    return int(v)
+
+
+def as_float(v) -> float:
+    if isinstance(v, bool):
+        raise TypeError
+    return float(v)
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def as_str(v) -> str:
+    if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+        raise TypeError
+    return str(v)
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise SupernetError(f"{what} is empty")
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise SupernetError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def parse_float_list(text: str, what: str) -> list[float]:
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise SupernetError(f"{what} is empty")
+    try:
+        return [float(p) for p in parts]
+    except ValueError:
+        raise SupernetError(f"{what} must be comma-separated numbers, got {text!r}") from None
