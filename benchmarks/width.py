@@ -35,8 +35,6 @@ import argparse
 import json
 import math
 import shutil
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -98,24 +96,6 @@ def search(d: Path, seed: int, evaluations: int, samples: int) -> pd.DataFrame:
     return pd.read_csv(front)
 
 
-def timed(model, batch: int, repeats: int, other=None) -> tuple[float, float | None]:
-    """Median seconds of a forward pass of ``batch`` sequences of 64 tokens; with ``other``, the two
-    models alternate, so that both see the same machine load."""
-    ids = torch.randint(1000, 2000, (batch, SEQ), generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    a, b = [], []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            for m, out in ((model, a), (other, b)):
-                if m is None:
-                    continue
-                t = time.perf_counter()
-                m(**inputs)
-                if i:
-                    out.append(time.perf_counter() - t)
-    return statistics.median(a), (statistics.median(b) if b else None)
-
-
 def measure(seed: int, run: str, d: Path, rows: dict) -> None:
     """Score each named sub-network of run ``d`` on the test split and count its exported model."""
     from supernet.commands.eval import eval_run
@@ -141,6 +121,7 @@ def time_rows(repeats: int) -> None:
     """The exported models' CPU speed-up over the original MiniLM, measured after every training (a
     speed depends on the shapes only, so the cut models are rebuilt from the recorded configurations
     on an untrained width super-network), each against the original, alternately, in this one process."""
+    from supernet.evaluator import compare_speed
     from supernet.export_core import merged_model
     from supernet.loader import TrainConfig, build
 
@@ -161,9 +142,9 @@ def time_rows(repeats: int) -> None:
         model = merged_model(net, config)
         out = {"seed": r["seed"], "run": r["run"], "row": r["row"]}
         for batch in (1, 32):
-            t_cut, t_orig = timed(model, batch, repeats, original)
-            out.update({f"speedup_b{batch}": t_orig / t_cut, f"ms_b{batch}": 1e3 * t_cut,
-                        f"ms_original_b{batch}": 1e3 * t_orig})
+            t = compare_speed(model, original, batch, SEQ, repeats)
+            out.update({f"speedup_b{batch}": t["speedup"], f"ms_b{batch}": 1e3 * t["seconds"],
+                        f"ms_original_b{batch}": 1e3 * t["original_seconds"]})
         append_row(SPEED, out)
 
 

@@ -95,3 +95,23 @@ class Evaluator:
             if i:
                 times.append(time.perf_counter() - start)
         return statistics.median(times)
+
+
+@torch.no_grad()
+def compare_speed(model: torch.nn.Module, original: torch.nn.Module, batch: int, seq_len: int,
+                  repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one forward pass of ``batch`` sequences of ``seq_len`` tokens of ``model``
+    and of ``original``, timed alternately (one warm-up each) so that both see the same machine
+    load; and the speed-up ``original / model``."""
+    vocab = min(m.get_input_embeddings().num_embeddings for m in (model, original))
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for i in range(repeats + 1):
+        for k, m in enumerate((model, original)):
+            start = time.perf_counter()
+            m(**inputs)
+            if i:
+                times[k].append(time.perf_counter() - start)
+    a, b = statistics.median(times[0]), statistics.median(times[1])
+    return {"seconds": a, "original_seconds": b, "speedup": b / a}

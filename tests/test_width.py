@@ -222,6 +222,9 @@ def test_cli_trains_searches_and_exports_a_stock_loadable_cut(capsys, tmp_path, 
     export = tmp_path / "cut"
     code, out, err = cli(capsys, "export", "--run", str(run), "--subnet", "min", "--out", str(export))
     assert code == 0, err
+    written = json.loads(out)["exports"][0]
+    assert written["model_params"] < written["original_params"] and written["speedup"] > 0
+    assert "cut model:" in err
     # a fresh process with stock transformers only: no supernet import, the cut config as written
     probe = ("import sys, torch; from transformers import AutoModelForCausalLM as A; "
              f"m = A.from_pretrained({str(export)!r}); "
@@ -278,10 +281,9 @@ def test_peft_export_of_a_cut_subnetwork_ships_its_cut_base(tmp_path, per):
 
 
 def test_compressed_export_of_a_cut_subnetwork_is_refused_in_one_line():
+    from supernet.bases import QuantizedBase
     from supernet.errors import SupernetError
     from supernet.export import export
-
-    from supernet.bases import QuantizedBase
     from supernet.targets import target_layers
 
     model = llama()

@@ -38,6 +38,21 @@ from supernet.tasks import collate, rows_of
 VERIFY_EXAMPLES = 8
 
 
+SPEED_BATCH = 32  # the batch of the speed-up an elastic-width export reports
+
+
+def _speed(setup: Setup, config: dict) -> dict:
+    """Parameters of the cut model and of the original, and the measured speed-up (this machine)."""
+    from supernet.evaluator import compare_speed
+    from supernet.export_core import base_model_copy, merged_model
+
+    cut, original = merged_model(setup.net, config), base_model_copy(setup.net).eval()
+    speed = compare_speed(cut, original, SPEED_BATCH, setup.cfg.max_length)
+    return {"model_params": sum(p.numel() for p in cut.parameters()),
+            "original_params": sum(p.numel() for p in original.parameters()),
+            "speedup": speed["speedup"], "speed_batch": SPEED_BATCH, "speed_tokens": setup.cfg.max_length}
+
+
 def run(args: argparse.Namespace) -> int:
     """``supernet export``: export and verify, one line per export on stderr, the summary as JSON on stdout."""
     out = export_command(args.run, args.subnet, args.format, args.out, args.search, args.constraint, args.pareto,
@@ -46,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         size = f", {e['bytes_on_disk'] / 2**20:.1f} MB on disk" if e.get("bytes_on_disk") else ""
         print(f"exported {e['name']} ({args.format}, {e['shipped_params']:,} parameters shipped{size}, verified: "
               f"max |diff| {e['max_abs_diff']:.2e}) to {e['path']}", file=sys.stderr)
+        if "speedup" in e:
+            print(f"  cut model: {e['model_params']:,} parameters (original {e['original_params']:,}, "
+                  f"{1 - e['model_params'] / e['original_params']:.1%} fewer), {e['speedup']:.2f}x the original's "
+                  f"speed at batch {e['speed_batch']} x {e['speed_tokens']} tokens (measured here, median of 5)",
+                  file=sys.stderr)
     print(json.dumps(out))
     return 0
 
@@ -182,7 +202,8 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
         return {"name": name, "path": str(target / name if pareto else target),
                 "config": json.dumps(config, sort_keys=True), "shipped_params": manifest["shipped_params"],
                 "macs": manifest.get("macs"), "bytes_on_disk": sum(manifest.get("size_on_disk", {}).values()) or None,
-                **_metadata(row, source), "max_abs_diff": manifest["verification"]["max_abs_diff"]}
+                **_metadata(row, source), "max_abs_diff": manifest["verification"]["max_abs_diff"],
+                **(_speed(setup, config) if setup.net.width is not None and fmt == "merged" else {})}
 
     if not pareto:
         written = [one(*jobs[0], target)]
