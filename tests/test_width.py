@@ -219,6 +219,8 @@ def test_cli_trains_searches_and_exports_a_stock_loadable_cut(capsys, tmp_path, 
     code, out, err = cli(capsys, "search", "--run", str(run), "--objectives", "acc,macs", "--algorithm", "random",
                          "--evaluations", "4", "--population", "4", "--eval-samples", "8")
     assert code == 0, err
+    code, out, err = cli(capsys, "plot", "--run", str(run))
+    assert code == 0, err
     export = tmp_path / "cut"
     code, out, err = cli(capsys, "export", "--run", str(run), "--subnet", "min", "--out", str(export))
     assert code == 0, err
@@ -295,3 +297,17 @@ def test_compressed_export_of_a_cut_subnetwork_is_refused_in_one_line():
     assert net.macs(net.min_config(), 8) < net.macs(net.max_config(), 8)
     with pytest.raises(SupernetError, match="not built yet"):
         export(net, net.min_config(), "/nonexistent/x", fmt="compressed")
+
+
+def test_a_width_run_resumes_and_needs_its_saved_order(capsys, tiny_train_args, tmp_path):
+    args = [*tiny_train_args, "--widths", "1.0,0.5", "--name", "wr", "--max-steps", "3"]
+    code, _, err = cli(capsys, "train", *args)
+    assert code == 0, err
+    run = tmp_path / "runs" / "wr"
+    code, _, err = cli(capsys, "train", "--resume", str(run), "--max-steps", "6")
+    assert code == 0, err
+    code, out, err = cli(capsys, "eval", "--run", str(run), "--subnet", "min", "--limit", "8")
+    assert code == 0, err
+    (run / "width_order.safetensors").unlink()
+    code, _, err = cli(capsys, "eval", "--run", str(run), "--subnet", "min", "--limit", "8")
+    assert_refused(code, err, "width_order.safetensors is missing")
