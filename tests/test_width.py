@@ -219,6 +219,17 @@ def test_cli_trains_searches_and_exports_a_stock_loadable_cut(capsys, tmp_path, 
     code, out, err = cli(capsys, "search", "--run", str(run), "--objectives", "acc,macs", "--algorithm", "random",
                          "--evaluations", "4", "--population", "4", "--eval-samples", "8")
     assert code == 0, err
+    # the allocator spends a MACs budget over ranks, width and heads alike
+    record = json.loads((run / "config.json").read_text())
+    budget = (record["macs"]["max"] + record["macs"]["min"]) / 2
+    code, out, err = cli(capsys, "search", "--run", str(run), "--algorithm", "allocator", "--budget",
+                         f"macs={budget:.6g}", "--eval-samples", "8")
+    assert code == 0, err
+    chosen = json.loads(out)["selected"]["config"]
+    assert {"width", "heads"} <= set(chosen)
+    from supernet.loader import load_run
+
+    assert load_run(run, weights=False)[0].net.macs(chosen, record["train"]["max_length"]) <= budget
     code, out, err = cli(capsys, "plot", "--run", str(run))
     assert code == 0, err
     export = tmp_path / "cut"
