@@ -36,7 +36,7 @@ def peft_lora(model, rank: int, alpha: float, rank_pattern: dict | None = None):
 
     pattern = pattern_keys(rank_pattern) if rank_pattern else {}
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=BLOCK_REGEX,
-                                            modules_to_save=["classifier"], lora_dropout=0.0,
+                                            modules_to_save=["classifier", "pooler"], lora_dropout=0.0,
                                             rank_pattern=pattern))
 
 

@@ -10,8 +10,8 @@ state and every gradient to the adapters passes through that matrix.
 
 Variants, each on seeds 0-4 with the same recipe:
 
-- ``frozen-pooler``: the recipe as it was (head = ``classifier``);
-- ``trained-pooler``: the pooler trained whole with the classifier (``--trainable-modules classifier,pooler``);
+- ``frozen-pooler``: the recipe as it was (head = ``classifier``; ``--trainable-modules classifier,score``);
+- ``trained-pooler``: the pooler trained whole with the classifier (the default since this study);
 - ``adapted-pooler``: the pooler gets a LoRA adapter like the block projections (the targets
   before they were narrowed).
 
@@ -34,9 +34,9 @@ from _common import RESULTS, TARGETS, append_row, machine, write_json
 
 CSV = RESULTS / "stuck.csv"
 VARIANTS = {
-    "frozen-pooler": {},
-    "trained-pooler": {"trainable_modules": ["classifier", "pooler"]},
-    "adapted-pooler": {"target_modules": [*TARGETS, "pooler.dense"]},
+    "frozen-pooler": {"trainable_modules": ["classifier", "score"]},
+    "trained-pooler": {"trainable_modules": ["classifier", "score", "pooler"]},
+    "adapted-pooler": {"target_modules": [*TARGETS, "pooler.dense"], "trainable_modules": ["classifier", "score"]},
 }
 RECIPE = {"ranks": [32], "alpha": 32.0, "lr": 5e-4, "max_steps": 400, "batch_size": 16}
 

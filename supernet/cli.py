@@ -49,7 +49,7 @@ TRAIN_FLAGS: list[tuple[str, dict]] = [
     ("choices-column", {"help": "multiple choice: column of answer lists; the label is an index or the answer"}),
     ("target-modules", {"type": _csv, "help": "comma-separated name patterns (re:<regex> allowed)"}),
     ("trainable-modules", {"type": _csv, "help": "name patterns of modules trained whole, shared by every "
-                                                  "sub-network (the new head) [classifier,score for seq-cls]"}),
+                                                  "sub-network (the new head) [classifier,score,pooler for seq-cls]"}),
     ("ranks", {"help": "rank choices, e.g. 32,24,16"}),
     ("alpha", {"type": float, "help": "LoRA alpha [32]"}),
     ("adapter", {"help": "adapter kind, one of the registry supernet.adapters.ADAPTER_KINDS [lora]"}),

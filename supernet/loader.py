@@ -38,7 +38,11 @@ from supernet.tasks import Encoded, encode
 from supernet.validate import as_float, as_int, as_list, as_str, flag_name, parse_float_list, parse_int_list
 
 SAMPLERS = ("uniform", "sandwich")
-HEAD_PATTERNS = ["classifier", "score"]
+# The new head of a classification model, trained whole and shared by every sub-network. BERT's
+# pooler is part of it: left frozen, a checkpoint whose pooler was never trained (MiniLM's, a
+# sentence-transformers model, has weights of std 0.009) squeezes the [CLS] features about 6x,
+# and runs got stuck at the majority class (results/stuck.md: before and after over 5 seeds).
+HEAD_PATTERNS = ["classifier", "score", "pooler"]
 MASKS_FINGERPRINT = "masks_sha256"  # under "bases" in config.json: which mask file belongs to the run
 
 
@@ -345,6 +349,10 @@ def config_of_run(record: dict) -> TrainConfig:
     train = record["train"]
     if isinstance(train, dict) and "calibration_order" not in train:
         train = {**train, "calibration_order": LEGACY_ORDER}  # recorded before the option: one dense pass
+    sn = record.get("supernet")
+    if isinstance(train, dict) and "trainable_modules" not in train and isinstance(sn, dict) \
+            and isinstance(sn.get("trainable_modules"), list):  # recorded before the option: the head it trained
+        train = {**train, "trainable_modules": sn["trainable_modules"]}
     cfg = TrainConfig.from_dict(train)  # every option checked again: the file may be edited
     groups = record["supernet"].get("groups") if isinstance(record["supernet"], dict) else None
     if groups is not None:
