@@ -158,7 +158,7 @@ def _prepare_merged(net: SuperNetwork, config: Config, tokenizer: Any) -> Staged
     model_class = _auto_class(model)
     device, dtype = _device(model), _dtype(model)
     keys, shipped = set(model.state_dict()), _num_params(model)
-    layers = shipped_layers(net, model, "merged")
+    layers = shipped_layers(net, model, "merged", config)
     extra = {}
     if net.width is not None:  # elastic width: say how the cut model loads
         from supernet.cut_models import PREFIX

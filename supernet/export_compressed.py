@@ -38,7 +38,9 @@ def _compressed_payload(net: SuperNetwork, model: nn.Module, config: Config):
 
     integers, masks = {}, {}
     with at_config(net, config):
+        cuts = net.cuts(config)
         for name, adapter in net.adapters.items():
+            adapter = adapter.cut(*cuts[name]) if name in cuts else adapter  # elastic width: the kept part
             base = adapter.base
             if merges.stores_integers(adapter.merge, base.bits is not None):
                 q = base.integers(adapter.delta_weight().detach())
@@ -84,11 +86,14 @@ def _prepare_compressed(net: SuperNetwork, config: Config, tokenizer: Any) -> St
     from supernet.compress.ct import write_bitmask, write_integers
 
     model = merged_model(net, config)
+    if model.config.model_type.startswith("supernet-cut-"):
+        raise SupernetError("--format compressed stores stock architectures only; this sub-network's widths differ "
+                            "per block (or cut a BERT's heads): use --format merged or peft")
     integers, masks = _compressed_payload(net, model, config)
     if integers and masks:
         raise SupernetError("cannot store integer and floating-point pruned layers in one compressed checkpoint")
     dtype = _dtype(model)
-    layers = shipped_layers(net, model, "compressed")
+    layers = shipped_layers(net, model, "compressed", config)
     shipped = _num_params(model)
     check = copy.deepcopy(model)
     held = [model]

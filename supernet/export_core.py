@@ -280,12 +280,14 @@ def _manifest(fmt: str, net: SuperNetwork, config: Config, shipped: int, verific
     return data
 
 
-def shipped_layers(net: SuperNetwork, model: nn.Module, fmt: str) -> dict[str, dict]:
+def shipped_layers(net: SuperNetwork, model: nn.Module, fmt: str,
+                   config: Mapping[str, object] | None = None) -> dict[str, dict]:
     """Per adapted layer of an exported model: its weight's sparsity, bits, group size, parameters
     and bytes as stored in ``fmt`` (``merged``: dense floats; ``compressed``: see compress.ct)."""
     out = {}
+    cuts = net.cuts(config)
     for name, adapter in net.adapters.items():
-        base: FrozenBase = adapter.base
+        base: FrozenBase = (adapter.cut(*cuts[name]) if name in cuts else adapter).base
         w = linear_weight(model.get_submodule(name)).detach()
         nonzeros, numel = int((w != 0).sum()), w.numel()
         row = {"shape": list(w.shape), "numel": numel, "nonzeros": nonzeros, "sparsity": 1 - nonzeros / numel,
@@ -393,9 +395,6 @@ def export_format(fmt: str, net: SuperNetwork, config: Mapping[str, object], out
     """
     check_format(net, fmt)
     config, target, inputs = _checked(net, config, out_dir, batches, macs, metadata, overwrite)
-    if fmt == "compressed" and net.cuts(config):
-        raise SupernetError("--format compressed of a sub-network with a narrowed width or fewer heads is not built "
-                            "yet; use --format merged or peft (both physically smaller models)")
     staged = prepare(net, config, tokenizer)
     reference = reference_outputs(net, config, inputs)
     with staging_dir(target) as staging:

@@ -293,22 +293,34 @@ def test_peft_export_of_a_cut_subnetwork_ships_its_cut_base(tmp_path, per):
     assert float(res.stdout.split()[-1]) < 1e-4
 
 
-def test_compressed_export_of_a_cut_subnetwork_is_refused_in_one_line():
+def test_compressed_export_of_a_cut_subnetwork_keeps_the_trained_integers(tmp_path):
+    """QA-SparsePEFT on an INT8 base, cut to a global width: the integers of the kept rows and
+    columns (whole groups) are stored, and reload bit for bit (the export verifies it)."""
     from supernet.bases import QuantizedBase
     from supernet.errors import SupernetError
     from supernet.export import export
     from supernet.targets import target_layers
 
     model = llama()
+    reordered(model)
     cfg = SuperNetConfig(default_targets(model), ranks=[4, 2], widths=[1.0, 0.5], width_groups="global",
                          merge="qa-sparse")
     net = SuperNetwork(model, cfg, {n: QuantizedBase(m, 8, 8) for n, m in target_layers(model, cfg).items()})
+    with torch.no_grad():
+        for a in net.adapters.values():
+            a.lora_B.normal_(std=0.2)
     # the costs of a cut integer base: whole groups kept, bytes and MACs fall with the width
     assert net.size(net.min_config()) < net.size(net.max_config())
     assert net.macs(net.min_config(), 8) < net.macs(net.max_config(), 8)
-    with pytest.raises(SupernetError, match="not built yet"):
-        export(net, net.min_config(), "/nonexistent/x", fmt="compressed")
-
+    manifest = export(net, net.min_config(), tmp_path / "c", fmt="compressed", batches=[batch(6)])
+    assert manifest["verification"]["weights_exact"] is True
+    down = [n for n in manifest["layers"] if n.endswith("down_proj")][0]
+    assert manifest["layers"][down]["shape"] == [32, 32]  # hidden x the 32 kept neurons
+    block = SuperNetConfig(default_targets(llama()), ranks=[4, 2], widths=[1.0, 0.5], merge="qa-sparse")
+    m2 = llama()
+    net2 = SuperNetwork(m2, block, {n: QuantizedBase(m, 8, 8) for n, m in target_layers(m2, block).items()})
+    with pytest.raises(SupernetError, match="stock architectures only"):
+        export(net2, {**net2.max_config(), "L0:width": 0.5}, tmp_path / "c2", fmt="compressed")
 
 def test_a_width_run_resumes_and_needs_its_saved_order(capsys, tiny_train_args, tmp_path):
     args = [*tiny_train_args, "--widths", "1.0,0.5", "--name", "wr", "--max-steps", "3"]
