@@ -35,6 +35,8 @@ import argparse
 import json
 import math
 import shutil
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +150,41 @@ def time_rows(repeats: int) -> None:
         append_row(SPEED, out)
 
 
+def step_cost(rounds: int = 15) -> dict:
+    """One training step (forward, backward, AdamW) of the width super-network at uniformly sampled
+    configurations against the rank-only one at the same rank choices (its own samples), the two
+    alternating in one process; the ratio is the median over rounds of width / rank-only."""
+
+    from supernet.loader import TrainConfig, build
+
+    nets = {}
+    for name, options in (("rank", {}), ("width", WIDTH)):
+        setup = build(TrainConfig(**RECIPE, ranks=[32, 24, 16], **options))
+        params = [p for p in setup.net.model.parameters() if p.requires_grad]
+        batch = calibration_batch(setup)
+        nets[name] = (setup.net, torch.optim.AdamW(params, lr=1e-6), batch)
+    times = {k: [] for k in nets}
+    rng = np.random.default_rng(0)
+    for i in range(rounds + 1):
+        for name, (net, opt, batch) in nets.items():
+            net.activate(net.sample(rng))
+            t = time.perf_counter()
+            net.model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i:
+                times[name].append(time.perf_counter() - t)
+    ratio = statistics.median(w / r for w, r in zip(times["width"], times["rank"], strict=True))
+    return {"step_seconds_rank": statistics.median(times["rank"]),
+            "step_seconds_width": statistics.median(times["width"]), "ratio": ratio, "rounds": rounds}
+
+
+def calibration_batch(setup) -> dict:
+    from supernet.compressed_base import calibration_batches
+
+    return calibration_batches(setup.enc, 16, 0)[0]
+
+
 def json_file(d: Path, row: str, config: dict) -> str:
     path = d.parent / f"{d.name}-{row}.json"
     path.write_text(json.dumps(config))
@@ -219,6 +256,9 @@ def summarise() -> dict:
                        "macs_span": float(g["macs"].max() / g["macs"].min())})
     summary = {"setup": {"model": "all-MiniLM-L6-v2", "dataset": "rotten-tomatoes", **RECIPE, **WIDTH,
                          "seq": SEQ, **machine()}, "rows": out, "fronts": hv}
+    step = RESULTS / "width_step.json"
+    if step.exists():
+        summary["train_step"] = json.loads(step.read_text())
     write_json(RESULTS / "width.json", summary)
     lines = ["| sub-network | test acc. (%) | relative (%) | params (M) | non-emb. params (M) | non-emb. cut | "
              "MACs (G) | speed-up b1 | speed-up b32 | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -232,6 +272,11 @@ def summarise() -> dict:
         for h in hv:
             lines.append(f"| {h['seed']} | {h['run']} | {h['members']} | {h['macs_span']:.2f}x | "
                          f"{h['hypervolume']:.3f} |")
+    if "train_step" in summary:
+        t = summary["train_step"]
+        lines += ["", f"Training step (batch 16 x 64, forward + backward + AdamW, sampled configurations): width "
+                  f"super-network {1e3 * t['step_seconds_width']:.0f} ms, rank-only {1e3 * t['step_seconds_rank']:.0f} "
+                  f"ms, ratio {t['ratio']:.2f}x (median of {t['rounds']} alternating rounds)."]
     (RESULTS / "width.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary
@@ -263,6 +308,7 @@ def main() -> None:
                     shutil.rmtree(d) if d.is_dir() else d.unlink()
     if args.timing:
         time_rows(args.repeats)
+        write_json(RESULTS / "width_step.json", {**step_cost(), **machine()})
     summarise()
 
 
