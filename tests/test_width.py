@@ -334,3 +334,29 @@ def test_a_width_run_resumes_and_needs_its_saved_order(capsys, tiny_train_args, 
     (run / "width_order.safetensors").unlink()
     code, _, err = cli(capsys, "eval", "--run", str(run), "--subnet", "min", "--limit", "8")
     assert_refused(code, err, "width_order.safetensors is missing")
+
+
+def test_width_over_a_pruned_base_exports_a_cut_model_that_keeps_its_zeros(capsys, tiny_train_args, tmp_path):
+    """The order is applied before pruning, so the masks are those of the permuted weights; the cut
+    export of a SparsePEFT run keeps exactly the kept part of them."""
+    import json
+
+    args = [*tiny_train_args, "--widths", "1.0,0.5", "--width-groups", "global", "--sparsity", "0.5",
+            "--adapter-merge", "sparse", "--calibration-samples", "16", "--name", "wp"]
+    code, _, err = cli(capsys, "train", *args)
+    assert code == 0, err
+    run = tmp_path / "runs" / "wp"
+    code, out, err = cli(capsys, "export", "--run", str(run), "--subnet", "min", "--format", "merged")
+    assert code == 0, err
+    manifest = json.loads((run / "exports" / "min-merged" / "manifest.json").read_text())
+    name = [n for n in manifest["layers"] if n.endswith("layer.0.output.dense")][0]
+    assert manifest["layers"][name]["shape"] == [32, 32]
+    from safetensors.torch import load_file
+
+    from supernet.loader import load_run
+
+    mask = load_run(run, weights=False)[0].net.adapters[name].base.mask()[:, :32]  # the 32 kept neurons
+    weight = load_file(str(run / "exports" / "min-merged" / "model.safetensors"))[name + ".weight"]
+    assert torch.equal(weight != 0, mask)  # exactly the kept part of the base's zeros
+    # (less than half: the most important neurons' columns lose fewer weights to Wanda)
+    assert 0 < manifest["layers"][name]["sparsity"] < 0.5
