@@ -108,7 +108,9 @@ def summarise() -> dict:
         rows.append({"part": part, "run": run, "subnet": subnet, "seeds": int(len(g)), "mean": acc.mean(),
                      "std": acc.std() if len(g) > 1 else float("nan"),
                      "se_one_eval": 100 * math.sqrt(p * (1 - p) / n)})
-    summary = {"setup": {"model": "all-MiniLM-L6-v2", "dataset": "rotten-tomatoes (test split)", "alpha": 32,
+    summary = {"setup": {"model": "all-MiniLM-L6-v2", "dataset": "rotten-tomatoes (test split)",
+                         "alpha": {"rora": "in each run's name (-aALPHA)", "searched": 32},
+                         "head": "classifier (the pooler frozen: measured before the head included it)",
                          "steps": int(df["steps"].iloc[0]) if len(df) else None, "batch": 16, **machine()},
                "rows": rows}
     write_json(RESULTS / "scaling.json", summary)
