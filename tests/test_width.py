@@ -39,6 +39,18 @@ def logits(model, b):
         return model(**b).logits
 
 
+def fresh_process_diff(tmp_path, b, expected, imports: str, load: str) -> float:
+    """Max |logits - expected| of the model that ``load`` (Python binding ``m``) builds in a fresh
+    interpreter after ``import torch, transformers`` and ``imports``: what a user's loader sees."""
+    torch.save({"b": b, "expected": expected}, tmp_path / "ref.pt")
+    probe = (f"import torch, transformers{imports}; {load}; m = m.eval(); "
+             f"r = torch.load({str(tmp_path / 'ref.pt')!r}); "
+             "print(float((m(**r['b']).logits - r['expected']).abs().max()))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return float(res.stdout.split()[-1])
+
+
 def reordered(model):
     blocks = find_blocks(model)
     order = importance_order(model, blocks, [batch(1), batch(2)], True, True)
@@ -129,14 +141,9 @@ def test_per_block_cuts_export_as_the_registered_cut_class(tmp_path, make, heads
     assert torch.allclose(logits(cut, b), expected, atol=1e-5, rtol=1e-4)
     manifest = export_merged(net, cfg, tmp_path / "cut", batches=[b])
     assert manifest["width"]["stock_config"] is False and "supernet.cut_models" in manifest["width"]["load"]
-    torch.save({"b": b, "expected": expected}, tmp_path / "ref.pt")
-    probe = ("import torch, transformers, supernet.cut_models; "
-             f"m = transformers.AutoModel{'ForCausalLM' if make is llama else 'ForSequenceClassification'}"
-             f".from_pretrained({str(tmp_path / 'cut')!r}).eval(); r = torch.load({str(tmp_path / 'ref.pt')!r}); "
-             "y = m(**r['b']).logits; print(float((y - r['expected']).abs().max()))")
-    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert float(res.stdout.split()[-1]) < 1e-4
+    auto = "AutoModelForCausalLM" if make is llama else "AutoModelForSequenceClassification"
+    load = f"m = transformers.{auto}.from_pretrained({str(tmp_path / 'cut')!r})"
+    assert fresh_process_diff(tmp_path, b, expected, ", supernet.cut_models", load) < 1e-4
 
 
 @pytest.mark.parametrize("make", [bert, llama])
@@ -282,15 +289,10 @@ def test_peft_export_of_a_cut_subnetwork_ships_its_cut_base(tmp_path, per):
     manifest = export(net, cfg, tmp_path / "p", fmt="peft", batches=[b])
     assert manifest["width"]["stock_config"] is (per == "global")
     assert (tmp_path / "p" / "base" / "config.json").exists()
-    torch.save({"b": b, "expected": expected}, tmp_path / "ref.pt")
-    probe = ("import torch, transformers, peft" + ("" if per == "global" else ", supernet.cut_models") + "; "
-             f"base = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'p' / 'base')!r}); "
-             f"m = peft.PeftModel.from_pretrained(base, {str(tmp_path / 'p')!r}).eval(); "
-             f"r = torch.load({str(tmp_path / 'ref.pt')!r}); "
-             "print(float((m(**r['b']).logits - r['expected']).abs().max()))")
-    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert float(res.stdout.split()[-1]) < 1e-4
+    load = (f"base = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'p' / 'base')!r}); "
+            f"m = peft.PeftModel.from_pretrained(base, {str(tmp_path / 'p')!r})")
+    imports = ", peft" + ("" if per == "global" else ", supernet.cut_models")
+    assert fresh_process_diff(tmp_path, b, expected, imports, load) < 1e-4
 
 
 def test_compressed_export_of_a_cut_subnetwork_keeps_the_trained_integers(tmp_path):
