@@ -35,7 +35,7 @@ from supernet.errors import SupernetError
 from supernet.models import BUILTIN_MODELS, TASKS, check_task, infer_task, load_config, load_model
 from supernet.network import SuperNetConfig, SuperNetwork, default_targets, target_layers
 from supernet.tasks import Encoded, encode
-from supernet.validate import as_float, as_int, as_list, as_str, flag_name, parse_float_list, parse_int_list
+from supernet.validate import as_float, as_int, as_list, as_str, flag_name, parse_number_list
 
 SAMPLERS = ("uniform", "sandwich")
 # The new head of a classification model, trained whole and shared by every sub-network. BERT's
@@ -174,9 +174,9 @@ class TrainConfig:
             flag = "--" + f.name.replace("_", "-")
             try:
                 if kind.startswith("list[int]"):
-                    v = parse_int_list(v, flag) if isinstance(v, str) else [as_int(x) for x in as_list(v)]
+                    v = parse_number_list(v, flag, int) if isinstance(v, str) else [as_int(x) for x in as_list(v)]
                 elif kind.startswith("list[float]"):
-                    v = parse_float_list(v, flag) if isinstance(v, str) else [as_float(x) for x in as_list(v)]
+                    v = parse_number_list(v, flag, float) if isinstance(v, str) else [as_float(x) for x in as_list(v)]
                 elif kind.startswith("list[str]"):
                     v = [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else [
                         as_str(x) for x in as_list(v)]

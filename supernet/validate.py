@@ -241,21 +241,13 @@ def as_str(v) -> str:
     return str(v)
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
+def parse_number_list(text: str, what: str, kind: type = int) -> list:
+    """A comma-separated list of ``kind`` (int or float) from a flag or YAML string, or one clear error."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not parts:
         raise SupernetError(f"{what} is empty")
     try:
-        return [int(p) for p in parts]
+        return [kind(p) for p in parts]
     except ValueError:
-        raise SupernetError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-
-def parse_float_list(text: str, what: str) -> list[float]:
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    if not parts:
-        raise SupernetError(f"{what} is empty")
-    try:
-        return [float(p) for p in parts]
-    except ValueError:
-        raise SupernetError(f"{what} must be comma-separated numbers, got {text!r}") from None
+        noun = "integers" if kind is int else "numbers"
+        raise SupernetError(f"{what} must be comma-separated {noun}, got {text!r}") from None

@@ -297,11 +297,6 @@ class WidthPlan:
             return (x * mask.to(device=x.device, dtype=x.dtype), *args[1:])
         return hook
 
-    def remove(self) -> None:
-        for h in getattr(self, "_handles", {}).values():
-            h.remove()
-        self._handles = {}
-
     def strip(self, model: nn.Module) -> None:
         """Remove the masks from a deep copy of the model (hooks are copied with their modules)."""
         for name, handle in getattr(self, "_handles", {}).items():
