@@ -20,8 +20,10 @@ process (median of ``--repeats`` forward passes each).
 
 Also, per seed, the two searches' fronts: MACs span and hypervolume against the rank-only
 search (``rank-nls`` searched with the same budget and seed), on common bounds. With
-``--extras``: in-place distillation (``--distill inplace``) and per-block widths
-(``--width-groups block``), their midpoints and fronts.
+``--extras``: per-block widths (``--width-groups block``), and in-place distillation
+(``--distill inplace``) against none, both with the sandwich rule (max, min and one random
+configuration each step, the same number of steps: three times a uniform run's compute): their
+midpoints, fronts and searched rows at the same MACs budgets.
 
 Writes results/width.csv (one row per seed and sub-network; rows already there are kept, so an
 interrupted run continues), results/width_fronts.csv, results/width.json and results/width.md.
@@ -54,9 +56,11 @@ RUNS = {
     "rank-nls": {"ranks": [32, 24, 16]},
     "width-nls": {"ranks": [32, 24, 16], **WIDTH},
 }
+SANDWICH = {"sampler": "sandwich", "sandwich_random": 1}  # max, min and one random each step: 3x a uniform step
 EXTRAS = {
-    "width-nls-distill": {"ranks": [32, 24, 16], **WIDTH, "distill": "inplace"},
     "width-nls-block": {"ranks": [32, 24, 16], **WIDTH, "width_groups": "block"},
+    "width-nls-sandwich": {"ranks": [32, 24, 16], **WIDTH, **SANDWICH},
+    "width-nls-distill": {"ranks": [32, 24, 16], **WIDTH, **SANDWICH, "distill": "inplace"},
 }
 BUDGETS = (0.75, 0.60)  # fractions of the full model's MACs for the two searched rows
 SEQ = 64
@@ -205,6 +209,8 @@ def one_seed(seed: int, workdir: str, evaluations: int, samples: int, extras: bo
     from supernet.loader import load_run
 
     for run, options in {**RUNS, **(EXTRAS if extras else {})}.items():
+        if done(CSV, seed, run) and (run == "lora" or done(FRONTS, seed, run)):
+            continue  # measured by an earlier call (its run folder may be gone)
         d = train_run(run, options, seed, workdir)
         setup, _ = load_run(d)
         net = setup.net
@@ -216,7 +222,7 @@ def one_seed(seed: int, workdir: str, evaluations: int, samples: int, extras: bo
                     append_row(FRONTS, {"seed": seed, "run": run, "row": int(r["index"]), "macs": r["macs"],
                                         "accuracy": r["accuracy"], "val_accuracy": r["val_accuracy"],
                                         "test_accuracy": r["test_accuracy"], "config": r["config"]})
-            if run == "width-nls":
+            if run.startswith("width-nls"):  # the extras too: compared at the same MACs budgets
                 rows.update(searched_rows(front, net.macs(net.max_config(), SEQ, merged=True)))
         del setup, net
         measure(seed, run, d, rows)

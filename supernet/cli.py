@@ -70,7 +70,7 @@ TRAIN_FLAGS: list[tuple[str, dict]] = [
     ("sandwich-random", {"type": int, "help": "random configs per sandwich step [2]"}),
     ("distill", {"choices": ["none", "inplace"],
                  "help": "inplace: every smaller sub-network learns the largest one's outputs in the same step "
-                         "(BigNAS) instead of the labels [none]"}),
+                         "(BigNAS) instead of the labels; needs --sampler sandwich [none]"}),
     ("max-steps", {"type": int}),
     ("batch-size", {"type": int}),
     ("grad-accum", {"type": int}),

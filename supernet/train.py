@@ -321,9 +321,19 @@ def _warn_single_cpu_launch() -> None:
               "--num_processes N` or `torchrun --nproc_per_node N`, which supernet runs on gloo", file=sys.stderr)
 
 
+def check_distill(cfg: TrainConfig) -> None:
+    """In-place distillation needs a teacher that learns: the sandwich rule trains the largest
+    sub-network on the labels every step. With uniform sampling the largest is almost never drawn,
+    so every sub-network would learn an untrained network's outputs (all losses near 0)."""
+    if cfg.distill == "inplace" and cfg.sampler != "sandwich":
+        raise SupernetError("--distill inplace needs --sampler sandwich: the largest sub-network must learn the "
+                            "labels every step to teach the others")
+
+
 def train(cfg: TrainConfig, *, overwrite: bool = False,
           on_step: Callable[[int, Trainer], None] | None = None) -> dict:
     """Build, then train into ``cfg.run_dir()``; returns the summary (main process)."""
+    check_distill(cfg)
     validate.writable_dir("--out", cfg.out)
     run_dir = cfg.run_dir()
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -348,6 +358,7 @@ def resume(run_dir: str | Path, max_steps: int | None = None,
     """
     run_dir = Path(run_dir)
     cfg = config_of_run(runio.read_run_config(run_dir))
+    check_distill(cfg)
     planned = cfg.max_steps
     if max_steps is not None:
         cfg.max_steps = max_steps
