@@ -3,16 +3,21 @@
 - Integer layers: ``pack-quantized``, asymmetric group-wise INT4 / INT8 (``weight_packed`` int32,
   ``weight_scale``, ``weight_zero_point`` packed, ``weight_shape``), written by the
   ``compressed-tensors`` library itself from our integers, scales and zero points. A pruned
-  weight is the integer ``z``, which dequantises to exactly 0, so sparsity survives inside.
+  weight is the integer ``z``, which dequantises to exactly 0, so sparsity survives inside, and
+  no ``sparsity_config`` is written (vLLM refuses a non-empty one). ``quantization_config`` also
+  says ``"dequantize": true``, which transformers reads as a loading option: compressed-tensors
+  0.18 to 0.20.1 cannot run asymmetric packed zero points compressed in transformers (0.15 to
+  0.17 can; measured), so a plain ``from_pretrained(folder)`` dequantises at load instead of
+  failing. vLLM ignores the key and runs the packed integers.
 - Floating-point sparse layers: ``sparse-bitmask`` (``compressed`` non-zero values, ``bitmask``
   one bit per position, ``row_offsets``, ``shape``), the layout compressed-tensors used up to
-  0.14. Version 0.20 removed its sparse compressors, and transformers 5.x then *silently*
-  re-initialises those weights, so :func:`load_compressed` is the loader for them.
+  0.14, written only on request. Version 0.15 removed its sparse decompression, transformers 5.x
+  then *silently* re-initialises those weights, and vLLM refuses any ``sparsity_config``, so
+  :func:`load_compressed` is the loader for them.
 
-:func:`load_compressed` rebuilds a runnable ``transformers`` model from either: integer
-checkpoints go through transformers' own loader (``CompressedTensorsConfig(dequantize=True)``;
-its default, compressed execution, cannot load asymmetric zero points in
-compressed-tensors 0.20.1), bitmask layers are expanded here.
+:func:`load_compressed` rebuilds a runnable ``transformers`` model from either (and from a plain
+checkpoint): integer checkpoints go through transformers' own loader, bitmask layers are
+expanded here.
 """
 
 from __future__ import annotations
@@ -90,6 +95,14 @@ def write_integers(model: nn.Module, layers: Mapping[str, IntegerLayer], directo
     compressor.compress_model(model)
     model.save_pretrained(str(directory), safe_serialization=True)
     compressor.update_config(str(directory))
+    cfg_path = directory / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    qc = cfg["quantization_config"]
+    if qc.get("sparsity_config"):
+        raise ValueError("compressed-tensors wrote a sparsity_config, which vLLM refuses")
+    qc.pop("sparsity_config", None)
+    qc["dequantize"] = True  # transformers' loading option (see the module docstring); vLLM ignores it
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def write_bitmask(model: nn.Module, masks: Mapping[str, torch.Tensor], directory: Path, structure: str) -> None:
@@ -141,7 +154,8 @@ def load_compressed(directory: str | Path, **kwargs) -> nn.Module:
     """A runnable ``transformers`` model from a compressed-tensors checkpoint written here.
 
     ``pack-quantized`` loads through transformers (dequantised to the checkpoint's float dtype);
-    ``sparse-bitmask`` layers are expanded to dense weights with exactly their zeros.
+    ``sparse-bitmask`` layers are expanded to dense weights with exactly their zeros; a checkpoint
+    without ``quantization_config`` (pruned floats stored dense) is a plain ``from_pretrained``.
     ``kwargs`` go to ``from_pretrained``.
     """
     import transformers
@@ -152,6 +166,8 @@ def load_compressed(directory: str | Path, **kwargs) -> nn.Module:
     qc = getattr(config, "quantization_config", None) or {}
     fmt = qc.get("format") if isinstance(qc, dict) else None
     cls = getattr(transformers, (config.architectures or ["AutoModel"])[0])
+    if not qc:
+        return cls.from_pretrained(str(directory), **kwargs).eval()
     if fmt == PACKED:
         with warnings.catch_warnings():  # "the quantization_config from the model will be used": as intended
             warnings.filterwarnings("ignore", message=".*quantization_config.*", category=UserWarning)

@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--constraint", help='with --subnet best, e.g. "macs<=7.6e8"')
     x.add_argument("--format", default="merged", choices=["merged", "peft", "compressed"],
                    help="merged transformers model, PEFT adapter, or compressed-tensors (pruned / integer) [merged]")
+    x.add_argument("--peft-scale", choices=["folded", "pattern"],
+                   help="--format peft: folded: every module's scale in lora_B, one global lora_alpha / r (what vLLM "
+                        "serves); pattern: the trained scales in alpha_pattern [folded]")
+    x.add_argument("--sparse-storage", choices=["dense", "bitmask"],
+                   help="--format compressed on a floating-point pruned base: dense: zeros kept in a standard "
+                        "checkpoint (stock transformers, vLLM); bitmask: compressed-tensors sparse-bitmask, which only "
+                        "supernet.compress.load_compressed reads [dense]")
     x.add_argument("--out", help="output folder [RUN/exports/SUBNET-FORMAT]")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
 

@@ -1,10 +1,13 @@
-"""``--format compressed``: a SparsePEFT / QA-SparsePEFT run merged and stored compressed
-(compressed-tensors: integers ``pack-quantized``, pruned floats ``sparse-bitmask``).
+"""``--format compressed``: a SparsePEFT / QA-SparsePEFT run merged and stored as stock loaders
+and serving runtimes take it: integers ``pack-quantized`` (compressed-tensors, no
+``sparsity_config``); pruned floats dense with their zeros, or ``sparse-bitmask`` on request
+(``--sparse-storage bitmask``: only :func:`supernet.compress.load_compressed` reads it).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -68,21 +71,36 @@ def verify_compressed(directory: Path, model: nn.Module, names: Sequence[str], b
     return {**out, "weights_exact": True}
 
 
-def export_compressed(net: SuperNetwork, config: Mapping[str, object], out_dir: str | os.PathLike,
-                      **options: Any) -> dict:
+SPARSE_STORAGE = ("dense", "bitmask")  # --sparse-storage, for pruned floating-point layers
+LOADERS = {
+    "pack-quantized": "transformers: AutoModel...from_pretrained(folder) (config.json asks it to dequantize at load); "
+                      "vLLM: LLM(folder), the packed integers as they are",
+    "dense": "transformers: AutoModel...from_pretrained(folder); vLLM: LLM(folder) (the zeros are kept as values)",
+    "sparse-bitmask": "supernet.compress.load_compressed(folder) only: compressed-tensors >= 0.15 cannot decompress "
+                      "it (transformers 5 re-initialises those weights) and vLLM refuses a sparsity_config",
+}
+
+
+def export_compressed(net: SuperNetwork, config: Mapping[str, object], out_dir: str | os.PathLike, *,
+                      sparse_storage: str = "dense", **options: Any) -> dict:
     """Save the sub-network at ``config`` merged and compressed (compressed-tensors format).
 
     QA-SparsePEFT layers are stored as the integers training evaluated (``pack-quantized``);
-    SparsePEFT layers on a floating-point pruned base as ``sparse-bitmask``. Verified before it is
+    SparsePEFT layers on a floating-point pruned base as a standard dense checkpoint whose zeros
+    are kept (``sparse_storage="dense"``), or as ``sparse-bitmask`` (``"bitmask"``). The manifest's
+    ``loader`` says who loads it. Verified before it is
     renamed into ``out_dir``: reloaded (:func:`supernet.compress.load_compressed`), every adapted
     weight equals the merged model's bit for bit and the outputs match the super-network's.
     The manifest records per layer its sparsity, bits, group size, parameters and bytes, and the
     files' size on disk.
     """
-    return export_format("compressed", net, config, out_dir, _prepare_compressed, **options)
+    if sparse_storage not in SPARSE_STORAGE:
+        raise SupernetError(f"unknown --sparse-storage {sparse_storage!r}; choose one of {', '.join(SPARSE_STORAGE)}")
+    return export_format("compressed", net, config, out_dir,
+                         functools.partial(_prepare_compressed, sparse_storage=sparse_storage), **options)
 
 
-def _prepare_compressed(net: SuperNetwork, config: Config, tokenizer: Any) -> Staged:
+def _prepare_compressed(net: SuperNetwork, config: Config, tokenizer: Any, sparse_storage: str = "dense") -> Staged:
     from supernet.compress.ct import write_bitmask, write_integers
 
     model = merged_model(net, config)
@@ -93,7 +111,8 @@ def _prepare_compressed(net: SuperNetwork, config: Config, tokenizer: Any) -> St
     if integers and masks:
         raise SupernetError("cannot store integer and floating-point pruned layers in one compressed checkpoint")
     dtype = _dtype(model)
-    layers = shipped_layers(net, model, "compressed", config)
+    storage = "pack-quantized" if integers else "sparse-bitmask" if sparse_storage == "bitmask" else "dense"
+    layers = shipped_layers(net, model, "merged" if storage == "dense" else "compressed", config)
     shipped = _num_params(model)
     check = copy.deepcopy(model)
     held = [model]
@@ -103,15 +122,14 @@ def _prepare_compressed(net: SuperNetwork, config: Config, tokenizer: Any) -> St
         model = held.pop()
         if integers:
             write_integers(model, integers, staging)
-        else:
+        elif storage == "sparse-bitmask":
             write_bitmask(model, masks, staging, net_structure(net))
+        else:
+            model.save_pretrained(str(staging), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
 
-    extra = {"compressed_format": "pack-quantized" if integers else "sparse-bitmask",
-             "loader": ("transformers: from_pretrained(dir, quantization_config=CompressedTensorsConfig("
-                        "dequantize=True)), or supernet.compress.load_compressed(dir)" if integers
-                        else "supernet.compress.load_compressed(dir)")}
+    extra = {"compressed_format": storage, "loader": LOADERS[storage]}
     return Staged(write=write,
                   verify=lambda d, x, ref: verify_compressed(d, check, list(net.adapters), x, ref, dtype),
                   shipped=lambda d: shipped, layers=layers, extra=extra)

@@ -1,12 +1,22 @@
 """``--format peft``: a sub-adapter as a standard PEFT LoRA adapter that stock ``peft`` loads.
 
-``adapter_config.json`` names every target with its rank (``rank_pattern``) and an alpha that
-gives exactly its trained scale (``alpha_pattern``); every adapter kind expresses itself as LoRA
-factors through :meth:`~supernet.adapters.ElasticAdapter.lora_factors`, or says it cannot.
+``adapter_config.json`` names every target with its rank (``rank_pattern``); every adapter kind
+expresses itself as LoRA factors through :meth:`~supernet.adapters.ElasticAdapter.lora_factors`,
+or says it cannot. Two layouts of the modules' scales (``--peft-scale``):
+
+- ``folded`` (default): each module's trained scale is folded into its ``lora_B``, so that one
+  global ``lora_alpha / r`` (``r`` the largest rank, no rsLoRA) is exact for every module. This is
+  what serving runtimes need: vLLM's LoRA loader reads ``r`` and ``lora_alpha`` and ignores
+  ``rank_pattern`` / ``alpha_pattern`` (each module's rank comes from its tensors' shapes).
+  PEFT reads the same files through ``alpha_pattern`` (``lora_alpha * r_m / r``), which gives
+  every module that global scale too.
+- ``pattern``: the factors as trained, each module's scale in ``alpha_pattern`` (``use_rslora``
+  for ``rora``); exact in PEFT, served at the wrong strength by loaders that ignore patterns.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -39,11 +49,16 @@ from supernet.network import SuperNetwork
 from supernet.space import Config
 
 SCALE_RTOL = 1e-6  # PEFT's scaling of a module vs the adapter's trained scale
+SCALE_LAYOUTS = ("folded", "pattern")  # --peft-scale
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for --max-lora-rank
 CUT_BASE = "base"  # a cut sub-network's PEFT export: the narrowed base model, saved in this sub-folder
 
 
-def peft_factors(net: SuperNetwork, config: Mapping[str, object]) -> dict[str, LoraFactors]:
-    """Every adapter as PEFT LoRA factors at ``config`` (detached copies), checked finite."""
+def peft_factors(net: SuperNetwork, config: Mapping[str, object], scale: str = "folded") -> dict[str, LoraFactors]:
+    """Every adapter as PEFT LoRA factors at ``config`` (detached copies), checked finite, in the
+    ``scale`` layout (:data:`SCALE_LAYOUTS`)."""
+    if scale not in SCALE_LAYOUTS:
+        raise SupernetError(f"unknown --peft-scale {scale!r}; choose one of {', '.join(SCALE_LAYOUTS)}")
     with at_config(net, config):
         factors, cuts = {}, net.cuts(config)
         for name, adapter in net.adapters.items():
@@ -55,7 +70,39 @@ def peft_factors(net: SuperNetwork, config: Mapping[str, object]) -> dict[str, L
         # one PEFT config has one use_rslora: modes mixed across modules (a searched scaling) are
         # all written as plain LoRA, each module with the alpha whose alpha / r is its trained scale
         factors = {n: LoraFactors(f.lora_A, f.lora_B, f.scale * f.rank, False, f.scale) for n, f in factors.items()}
-    return factors
+    return fold_scales(factors, float(net.config.alpha)) if scale == "folded" else factors
+
+
+def fold_scales(factors: Mapping[str, LoraFactors], alpha: float) -> dict[str, LoraFactors]:
+    """The same updates with one scale ``alpha / r`` for every module (``r`` the largest rank):
+    ``lora_B`` times ``scale_m / (alpha / r)``, and ``alpha_m = alpha * r_m / r`` for PEFT's own
+    per-module ``alpha_m / r_m``. A module whose scale already is the global one keeps its ``lora_B``
+    bit for bit."""
+    r = max(f.rank for f in factors.values())
+    scale = alpha / r
+    out = {}
+    for n, f in factors.items():
+        ratio = f.scale / scale
+        b = f.lora_B if ratio == 1.0 else f.lora_B * ratio
+        _check_finite("adapter factor lora_B (scale folded)", n, b)
+        out[n] = LoraFactors(f.lora_A, b, alpha * f.rank / r, False, scale)
+    return out
+
+
+def vllm_rules(factors: Mapping[str, LoraFactors], heads: Sequence[str], scale: str) -> dict:
+    """Whether vLLM's LoRA loader serves this adapter as PEFT does, and the ``--max-lora-rank`` it
+    needs. vLLM applies one ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA) to every module, reads no
+    ``rank_pattern`` / ``alpha_pattern``, and serves no ``modules_to_save``."""
+    r = max(f.rank for f in factors.values())
+    why = []
+    if len({f.scale for f in factors.values()}) > 1:
+        why.append("the modules' scales differ and vLLM reads no alpha_pattern (export with --peft-scale folded)")
+    if heads:
+        why.append(f"the trained head ({', '.join(heads)}) ships as modules_to_save, which vLLM does not serve")
+    ranks = [v for v in VLLM_RANKS if v >= r]
+    if not ranks:
+        why.append(f"rank {r} is above vLLM's largest --max-lora-rank {VLLM_RANKS[-1]}")
+    return {"scale": scale, "servable": not why, "why_not": why, "max_lora_rank": ranks[0] if ranks else None}
 
 
 def _pattern_rule(key: str) -> re.Pattern:
@@ -189,7 +236,8 @@ def check_peft_layers(peft_model: nn.Module, factors: Mapping[str, LoraFactors])
 
 
 def peft_model(net: SuperNetwork, config: Mapping[str, object], factors: Mapping[str, LoraFactors] | None = None):
-    """A stock ``peft.PeftModel`` on a fresh copy of the base model holding the sub-adapter at ``config``."""
+    """A stock ``peft.PeftModel`` on a fresh copy of the base model holding the sub-adapter at
+    ``config`` (scales folded, unless ``factors`` are given)."""
     from peft import get_peft_model
 
     factors = peft_factors(net, config) if factors is None else factors
@@ -244,30 +292,37 @@ def _require_peft() -> None:
         raise SupernetError("a PEFT export needs the peft package (pip install peft)") from None
 
 
-def export_peft(net: SuperNetwork, config: Mapping[str, object], out_dir: str | os.PathLike, **options: Any) -> dict:
+def export_peft(net: SuperNetwork, config: Mapping[str, object], out_dir: str | os.PathLike, *,
+                scale: str = "folded", **options: Any) -> dict:
     """Save the sub-adapter at ``config`` as a standard PEFT LoRA adapter directory.
 
     ``adapter_config.json`` names every target module by its full name with its rank
-    (``rank_pattern``) and an alpha that gives exactly its trained scale (``alpha_pattern``,
-    ``use_rslora`` for ``rora``); ``adapter_model.safetensors`` holds ``A[:r]``, ``B[:, :r]``
-    and the trained head (``modules_to_save``). Verified before it is renamed into ``out_dir``:
+    (``rank_pattern``) and the alpha that gives its scale in PEFT (``alpha_pattern``); with
+    ``scale="folded"`` every module's scale is the global ``lora_alpha / r`` and the trained scales
+    are folded into ``lora_B`` (what vLLM serves), with ``"pattern"`` the trained scales stay in
+    ``alpha_pattern`` (``use_rslora`` for ``rora``). ``adapter_model.safetensors`` holds ``A[:r]``,
+    ``B[:, :r]`` and the trained head (``modules_to_save``); the manifest's ``vllm`` entry says
+    whether vLLM serves it and with which ``--max-lora-rank``. Verified before it is renamed into ``out_dir``:
     loaded with stock ``PeftModel.from_pretrained`` on a fresh base (head zeroed), every LoRA
     layer must have the right rank, scale and weights and the outputs on ``batches`` must match
     the super-network's within :data:`TOLERANCE`. Returns the manifest.
     """
     _require_peft()
-    return export_format("peft", net, config, out_dir, _prepare_peft, **options)
+    if scale not in SCALE_LAYOUTS:
+        raise SupernetError(f"unknown --peft-scale {scale!r}; choose one of {', '.join(SCALE_LAYOUTS)}")
+    return export_format("peft", net, config, out_dir, functools.partial(_prepare_peft, scale=scale), **options)
 
 
-def _prepare_peft(net: SuperNetwork, config: Config, tokenizer: Any) -> Staged:
-    factors = peft_factors(net, config)
+def _prepare_peft(net: SuperNetwork, config: Config, tokenizer: Any, scale: str = "folded") -> Staged:
+    factors = peft_factors(net, config, scale)
     held = [peft_model(net, config, factors)]
     dtype = _dtype(net.model)
     heads = _top_level(net.head_modules)
+    vllm = {"vllm": vllm_rules(factors, heads, scale)}
     if not net.cuts(config):
         return Staged(write=lambda d: _save(held.pop(), tokenizer, d),
                       verify=lambda d, x, ref: verify_peft(d, net, factors, heads, dtype, x, ref, config),
-                      shipped=lambda d: _safetensors_params(d / "adapter_model.safetensors"))
+                      shipped=lambda d: _safetensors_params(d / "adapter_model.safetensors"), extra=vllm)
     # elastic width: the adapter fits the cut base only, which is saved beside it (base/)
     from supernet.export import _auto_class
 
@@ -284,5 +339,5 @@ def _prepare_peft(net: SuperNetwork, config: Config, tokenizer: Any) -> Staged:
     return Staged(write=write, verify=lambda d, x, ref: verify_peft(d, net, factors, heads, dtype, x, ref, config,
                                                                    base_class),
                   shipped=lambda d: _safetensors_params(d / "adapter_model.safetensors"),
-                  extra={"width": {"base": CUT_BASE, "stock_config": stock,
+                  extra={**vllm, "width": {"base": CUT_BASE, "stock_config": stock,
                                    "load": load if stock else "import supernet.cut_models; " + load}})

@@ -4,7 +4,12 @@ exports that keep exactly their zeros and integers, costs, and every bad input r
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import assert_refused, cli, tiny_bert_config, tiny_llama_config
@@ -13,7 +18,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BertForSequenceClassification,
-    CompressedTensorsConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaForCausalLM,
@@ -29,7 +33,7 @@ from supernet.errors import SupernetError
 from supernet.export import check_format, export_compressed, export_merged, export_peft
 from supernet.loader import load_run
 from supernet.network import SuperNetConfig, SuperNetwork, default_targets, target_layers
-from supernet.tasks import evaluate
+from supernet.tasks import collate, rows_of
 
 
 def compressed_net(arch: str, merge: str, bits: int | None = None, sparsity: float = 0.5,
@@ -99,9 +103,12 @@ def test_qa_sparsepeft_compressed_export_stores_the_trained_integers(arch, bits,
     net = compressed_net(arch, "qa-sparse", bits=bits)
     cfg = net.mid_config()
     manifest = export_compressed(net, cfg, tmp_path / "c", batches=[inputs(net)])
-    # transformers itself loads it (dequantising), with no supernet code in the loop
+    # stock transformers loads it as it is (config.json asks it to dequantize), no supernet code in the loop
     auto = AutoModelForSequenceClassification if arch == "bert" else AutoModelForCausalLM
-    loaded = auto.from_pretrained(tmp_path / "c", quantization_config=CompressedTensorsConfig(dequantize=True))
+    loaded = auto.from_pretrained(tmp_path / "c")
+    qc = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["dequantize"] is True
+    assert not qc.get("sparsity_config")  # vLLM refuses a checkpoint with one; the zeros live in the integers
     net.activate(cfg)
     moved = 0
     for name, ad in net.adapters.items():
@@ -128,7 +135,8 @@ def test_qa_sparsepeft_compressed_export_stores_the_trained_integers(arch, bits,
 def test_sparse_bitmask_export_round_trips(pattern, tmp_path):
     net = compressed_net("llama", "sparse", pattern=pattern)
     cfg = net.max_config()
-    manifest = export_compressed(net, cfg, tmp_path / "c", batches=[inputs(net)])
+    manifest = export_compressed(net, cfg, tmp_path / "c", batches=[inputs(net)], sparse_storage="bitmask")
+    assert manifest["compressed_format"] == "sparse-bitmask" and "load_compressed" in manifest["loader"]
     loaded = load_compressed(tmp_path / "c")
     net.activate(cfg)
     for name, ad in net.adapters.items():
@@ -144,6 +152,27 @@ def test_sparse_bitmask_export_round_trips(pattern, tmp_path):
     assert qc["sparsity_config"]["sparsity_structure"] == pattern
     with torch.no_grad():
         assert torch.equal(loaded(**inputs(net)).logits, logits_at(net, cfg, inputs(net)))
+
+
+def test_pruned_float_layers_are_stored_dense_by_default_for_stock_loaders(tmp_path):
+    """No sparsity_config by default: a plain checkpoint whose zeros are the base's, which stock
+    transformers and vLLM load as it is."""
+    net = compressed_net("llama", "sparse", pattern="2:4")
+    cfg = net.mid_config()
+    manifest = export_compressed(net, cfg, tmp_path / "c", batches=[inputs(net)])
+    assert manifest["compressed_format"] == "dense" and "vLLM" in manifest["loader"]
+    assert "quantization_config" not in json.loads((tmp_path / "c" / "config.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()
+    net.activate(cfg)
+    for name, ad in net.adapters.items():
+        w = linear_weight(loaded.get_submodule(name))
+        assert torch.equal(w, ad.merged_weight().detach()) and torch.equal(w != 0, ad.base.mask())
+    assert manifest["adapted_layers"]["sparsity"] == 0.5
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs(net)).logits, logits_at(net, cfg, inputs(net)))
+    with pytest.raises(SupernetError, match="unknown --sparse-storage"):
+        export_compressed(net, cfg, tmp_path / "x", sparse_storage="csr")
+    assert not (tmp_path / "x").exists()
 
 
 def test_formats_a_run_cannot_produce_are_refused(tmp_path):
@@ -226,19 +255,45 @@ def test_a_compressed_run_records_and_rebuilds_its_base(qa_run, tmp_path, monkey
         load_run(copy)
 
 
-def test_qa_export_accuracy_equals_the_trained_evaluation_exactly(capsys, qa_run, tmp_path):
-    code, out, err = cli(capsys, "eval", "--run", qa_run, "--subnet", "mid", "--split", "validation")
+STOCK_PREDICT = """
+import sys, torch, pandas as pd
+from transformers import AutoModelForSequenceClassification
+m = AutoModelForSequenceClassification.from_pretrained(sys.argv[1]).eval()
+batch = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = m(**batch).logits
+assert not any(k.startswith("supernet") for k in sys.modules)
+pd.DataFrame(logits.numpy()).to_csv(sys.argv[3], index=False)
+"""
+
+
+def test_qa_export_loads_in_a_fresh_stock_process_and_predicts_as_eval(capsys, qa_run, tmp_path):
+    """The default compressed export of a QA-SparsePEFT run, loaded by stock transformers alone in
+    a fresh interpreter, gives ``supernet eval --predictions``' logits and predictions."""
+    preds = tmp_path / "pred.csv"
+    code, out, err = cli(capsys, "eval", "--run", qa_run, "--subnet", "mid", "--split", "validation",
+                         "--predictions", preds)
     assert code == 0, err
     trained = json.loads(out.strip().splitlines()[-1])
     code, _, err = cli(capsys, "export", "--run", qa_run, "--subnet", "mid", "--format", "compressed",
                        "--out", tmp_path / "c")
     assert code == 0, err
     setup, _ = load_run(qa_run, weights=False)
-    loaded = AutoModelForSequenceClassification.from_pretrained(
-        tmp_path / "c", quantization_config=CompressedTensorsConfig(dequantize=True))
-    res = evaluate(loaded, setup.enc, "validation")
-    assert res["accuracy"] == trained["accuracy"] and res["loss"] == pytest.approx(trained["loss"], abs=1e-6)
-    assert res["examples"] == trained["examples"]
+    ds = setup.enc.splits["validation"]
+    batch = collate(setup.enc, rows_of(ds, range(len(ds))))
+    torch.save({k: v for k, v in batch.items() if k != "labels"}, tmp_path / "batch.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", STOCK_PREDICT, str(tmp_path / "c"), str(tmp_path / "batch.pt"),
+                           str(tmp_path / "stock.csv")], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stock = pd.read_csv(tmp_path / "stock.csv").to_numpy()
+    ours = pd.read_csv(preds)
+    assert len(ours) == len(stock) == trained["examples"]
+    np.testing.assert_allclose(stock, ours.filter(like="logit_").to_numpy(), atol=1e-5, rtol=0)
+    names = list(setup.label_names)
+    assert [names[i] for i in stock.argmax(1)] == ours["prediction"].tolist()
+    assert (ours["prediction"] == ours["label"]).mean() == pytest.approx(trained["accuracy"])
 
 
 def test_format_refusals_and_damaged_masks_from_the_cli(capsys, qa_run, tmp_path):

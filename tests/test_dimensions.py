@@ -141,7 +141,7 @@ def test_peft_export_of_mixed_modes_reproduces_every_scale(tmp_path):
         config[g] = [8, 6, 4][i % 3]
         config[f"{g}:scaling"] = MODES[i % 3]
     batches = [{"input_ids": torch.randint(5, 1000, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}]
-    manifest = export_peft(net, config, tmp_path / "peft", batches=batches)
+    manifest = export_peft(net, config, tmp_path / "peft", batches=batches, scale="pattern")
     assert manifest["verification"]["max_abs_diff"] <= 1e-4
     # the params objective is what the written adapter file holds (counted from its tensors)
     assert manifest["shipped_params"] == net.shipped_params(config)

@@ -166,25 +166,28 @@ def test_merged_model_leaves_supernet_usable():
 # ----------------------------------------------------------------------------- PEFT
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("scaling", ["lora", "rora", "fixed"])
-def test_peft_export_loads_in_stock_peft_and_matches(arch, scaling, tmp_path):
+@pytest.mark.parametrize("layout", ["folded", "pattern"])
+def test_peft_export_loads_in_stock_peft_and_matches(arch, scaling, layout, tmp_path):
     from peft import PeftModel
 
     net = make_net(arch, scaling=scaling)
     cfg = mixed_config(net)
     inputs = batch(net)
     out = tmp_path / "peft"
-    manifest = export_peft(net, cfg, out, batches=[inputs])
+    manifest = export_peft(net, cfg, out, batches=[inputs], scale=layout)
 
     adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     ranks = {n: cfg[g] for g, names in net.groups.items() for n in names}
     assert adapter_cfg["rank_pattern"] == ranks  # full module names, one rank each
     assert sorted(adapter_cfg["target_modules"]) == sorted(net.adapters)
-    assert adapter_cfg["use_rslora"] == (scaling == "rora")
+    assert adapter_cfg["use_rslora"] == (scaling == "rora" and layout == "pattern")
     assert adapter_cfg["fan_in_fan_out"] == (arch == "gpt2")
+    assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 12.0
     if arch == "bert":
         assert "classifier" in adapter_cfg["modules_to_save"] and adapter_cfg["task_type"] == "SEQ_CLS"
-    if scaling == "fixed":
+    if scaling == "fixed" or layout == "folded":  # one scale, 12 / 8, for every module
         assert adapter_cfg["alpha_pattern"] == pytest.approx({n: 12.0 * r / 8 for n, r in ranks.items()})
+    assert manifest["vllm"]["scale"] == layout and manifest["vllm"]["max_lora_rank"] == 8
 
     loaded = PeftModel.from_pretrained(plain_base(net), str(out)).eval()
     with torch.no_grad():

@@ -214,6 +214,10 @@ def test_bad_export_input(capsys, trained_run, tmp_path):
         (["--subnet", "max", "--constraint", "macs<=1"], "--subnet best"),
         (["--subnet", "best", "--search", "a", "--constraint", "macs<=1"], "no front member"),
         (["--subnet", "max", "--format", "onnx"], "invalid choice"),
+        (["--subnet", "max", "--format", "peft", "--peft-scale", "global"], "invalid choice"),
+        (["--subnet", "max", "--peft-scale", "folded", "--out", tmp_path / "w"], "an option of --format peft"),
+        (["--subnet", "max", "--format", "peft", "--sparse-storage", "bitmask", "--out", tmp_path / "w"],
+         "an option of --format compressed"),
     ]
     for extra, message in cases:
         code, _, err = cli(capsys, "export", "--run", trained_run, *extra)

@@ -56,7 +56,7 @@ def _speed(setup: Setup, config: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     """``supernet export``: export and verify, one line per export on stderr, the summary as JSON on stdout."""
     out = export_command(args.run, args.subnet, args.format, args.out, args.search, args.constraint, args.pareto,
-                         args.overwrite)
+                         args.overwrite, peft_scale=args.peft_scale, sparse_storage=args.sparse_storage)
     for e in out["exports"]:
         size = f", {e['bytes_on_disk'] / 2**20:.1f} MB on disk" if e.get("bytes_on_disk") else ""
         print(f"exported {e['name']} ({args.format}, {e['shipped_params']:,} parameters shipped{size}, verified: "
@@ -154,13 +154,27 @@ def _metadata(row: pd.Series | None, source: str) -> dict:
     return meta
 
 
+def format_options(fmt: str, peft_scale: str | None, sparse_storage: str | None) -> dict:
+    """The options of one format; an option of another format is refused, not ignored."""
+    for flag, value, owner in (("--peft-scale", peft_scale, "peft"), ("--sparse-storage", sparse_storage,
+                                                                       "compressed")):
+        if value is not None and fmt != owner:
+            raise SupernetError(f"{flag} is an option of --format {owner}, not of --format {fmt}")
+    if fmt == "peft" and peft_scale is not None:
+        return {"scale": peft_scale}
+    if fmt == "compressed" and sparse_storage is not None:
+        return {"sparse_storage": sparse_storage}
+    return {}
+
+
 def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str | Path | None,
                    search: str | None = None, constraint: str | None = None, pareto: bool = False,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, peft_scale: str | None = None, sparse_storage: str | None = None) -> dict:
     """Export and verify; returns what was written."""
     run_dir = Path(run_dir)
     if fmt not in FORMATS:
         raise SupernetError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    options = format_options(fmt, peft_scale, sparse_storage)
     if pareto == (subnet is not None):
         raise SupernetError("give either --subnet (max, mid, min, best or a JSON file) or --pareto")
     if constraint is not None and subnet != "best":
@@ -198,7 +212,7 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
         config = setup.net.space.named_config(name) if config is None else setup.net.space.validate(config)
         manifest = export(setup.net, config, dest, fmt, batches=batches, tokenizer=setup.tokenizer,
                           macs=setup.net.macs(config, setup.cfg.max_length, merged=fmt != "peft"),
-                          metadata={**_metadata(row, source), **labels}, overwrite=overwrite)
+                          metadata={**_metadata(row, source), **labels}, overwrite=overwrite, **options)
         return {"name": name, "path": str(target / name if pareto else target),
                 "config": json.dumps(config, sort_keys=True), "shipped_params": manifest["shipped_params"],
                 "macs": manifest.get("macs"), "bytes_on_disk": sum(manifest.get("size_on_disk", {}).values()) or None,
