@@ -29,6 +29,7 @@ Writes results/width.csv (one row per seed and sub-network; rows already there a
 interrupted run continues), results/width_fronts.csv, results/width.json and results/width.md.
 
     python benchmarks/width.py [--seeds 0,1,2] [--threads 1] [--extras]
+    python benchmarks/width.py --model smollm2 --seeds 0 --evaluations 32 --search-samples 200
 """
 
 from __future__ import annotations
@@ -49,8 +50,15 @@ from _common import RESULTS, append_row, machine, write_json
 CSV = RESULTS / "width.csv"
 FRONTS = RESULTS / "width_fronts.csv"
 SPEED = RESULTS / "width_speed.csv"
+STEP = RESULTS / "width_step.json"
 RECIPE = {"max_steps": 400, "batch_size": 16, "lr": 5e-4, "alpha": 32.0, "eval_every": 400, "save_every": 400}
 WIDTH = {"widths": [1.0, 0.75, 0.5], "heads": [1.0, 0.75, 0.5], "width_groups": "global"}
+MODEL_NAME = "all-MiniLM-L6-v2"
+SEARCH_RANK_ONLY = True  # also search the rank-only network (its front's hypervolume)
+# SmolLM2-135M (Llama, 9 heads in 3 KV groups: 3, 2 or 1 per group) on Rotten Tomatoes as a prompt,
+# scored by the answers' log-likelihood; one seed, fewer and smaller steps (a step costs ~6x MiniLM's)
+SMOLLM2 = {"recipe": {"model": "smollm2", "max_steps": 150, "batch_size": 8, "eval_every": 150, "save_every": 150},
+           "heads": [1.0, 0.67, 0.33], "name": "SmolLM2-135M-Instruct", "suffix": "_smollm2"}
 RUNS = {
     "lora": {"ranks": [32]},
     "rank-nls": {"ranks": [32, 24, 16]},
@@ -117,7 +125,8 @@ def measure(seed: int, run: str, d: Path, rows: dict) -> None:
         res = eval_run(d, json_file(d, row, config), "test")
         model = merged_model(net, config)
         total = sum(p.numel() for p in model.parameters())
-        embed = sum(p.numel() for n, p in model.named_parameters() if "embeddings" in n)
+        embed = sum(p.numel() for n, p in model.named_parameters()  # BERT's embeddings; Llama's (tied) embed_tokens
+                    if "embeddings" in n or "embed_tokens" in n or n.startswith("lm_head"))
         append_row(CSV, {"seed": seed, "run": run, "row": row, "accuracy": res["accuracy"],
                          "examples": res["examples"], "params": total, "non_embedding_params": total - embed,
                          "macs": net.macs(config, SEQ, merged=True), "config": json.dumps(config, sort_keys=True)})
@@ -215,7 +224,7 @@ def one_seed(seed: int, workdir: str, evaluations: int, samples: int, extras: bo
         setup, _ = load_run(d)
         net = setup.net
         rows = {"max": net.max_config()} if run == "lora" else {"mid": net.mid_config()}
-        if run != "lora":
+        if run != "lora" and (SEARCH_RANK_ONLY or run != "rank-nls"):
             front = search(d, seed, evaluations, samples)
             if not done(FRONTS, seed, run):
                 for r in front.to_dict(orient="records"):
@@ -260,12 +269,11 @@ def summarise() -> dict:
             F = np.column_stack([1 - g["val_accuracy"].to_numpy(float), g["macs"].to_numpy(float)])
             hv.append({"seed": seed, "run": run, "members": len(g), "hypervolume": hypervolume(F, ideal, nadir),
                        "macs_span": float(g["macs"].max() / g["macs"].min())})
-    summary = {"setup": {"model": "all-MiniLM-L6-v2", "dataset": "rotten-tomatoes", **RECIPE, **WIDTH,
+    summary = {"setup": {"model": MODEL_NAME, "dataset": "rotten-tomatoes", **RECIPE, **WIDTH,
                          "seq": SEQ, **machine()}, "rows": out, "fronts": hv}
-    step = RESULTS / "width_step.json"
-    if step.exists():
-        summary["train_step"] = json.loads(step.read_text())
-    write_json(RESULTS / "width.json", summary)
+    if STEP.exists():
+        summary["train_step"] = json.loads(STEP.read_text())
+    write_json(CSV.with_suffix(".json"), summary)
     lines = ["| sub-network | test acc. (%) | relative (%) | params (M) | non-emb. params (M) | non-emb. cut | "
              "MACs (G) | speed-up b1 | speed-up b32 | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in out:
@@ -283,16 +291,31 @@ def summarise() -> dict:
         lines += ["", f"Training step (batch 16 x 64, forward + backward + AdamW, sampled configurations): width "
                   f"super-network {1e3 * t['step_seconds_width']:.0f} ms, rank-only {1e3 * t['step_seconds_rank']:.0f} "
                   f"ms, ratio {t['ratio']:.2f}x (median of {t['rounds']} alternating rounds)."]
-    (RESULTS / "width.md").write_text("\n".join(lines) + "\n")
+    CSV.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary
+
+
+def use_smollm2() -> None:
+    """Switch the module's settings to the SmolLM2 profile (:data:`SMOLLM2`); the rank-only network is
+    not searched (its midpoint is measured), to fit one seed on a CPU."""
+    global CSV, FRONTS, SPEED, STEP, MODEL_NAME, SEARCH_RANK_ONLY
+    suffix = SMOLLM2["suffix"]
+    CSV, FRONTS, SPEED = (RESULTS / f"{p.stem}{suffix}.csv" for p in (CSV, FRONTS, SPEED))
+    STEP = RESULTS / f"width_step{suffix}.json"
+    MODEL_NAME, SEARCH_RANK_ONLY = SMOLLM2["name"], False
+    RECIPE.update(SMOLLM2["recipe"])
+    WIDTH["heads"] = SMOLLM2["heads"]
+    for options in (*RUNS.values(), *EXTRAS.values()):
+        if "heads" in options:
+            options["heads"] = SMOLLM2["heads"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--workdir", default=str(RESULTS.parent / "runs" / "bench-width"))
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, help="training steps [400; smollm2 150]")
     ap.add_argument("--evaluations", type=int, default=64)
     ap.add_argument("--search-samples", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=10)
@@ -302,11 +325,16 @@ def main() -> None:
     ap.add_argument("--timing", action="store_true", help="time the exported models (run alone, after training: "
                                                           "timings taken beside another job mean nothing)")
     ap.add_argument("--summarise-only", action="store_true")
+    ap.add_argument("--model", choices=["minilm", "smollm2"], default="minilm",
+                    help="smollm2: SmolLM2-135M (GQA), the causal-LM task, 150 steps of 8, written to *_smollm2 files")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model == "smollm2":
+        use_smollm2()
     if not args.summarise_only:
-        RECIPE.update(max_steps=args.steps, eval_every=args.steps, save_every=args.steps)
+        if args.steps:
+            RECIPE.update(max_steps=args.steps, eval_every=args.steps, save_every=args.steps)
         for seed in [int(s) for s in args.seeds.split(",")]:
             one_seed(seed, args.workdir, args.evaluations, args.search_samples, args.extras)
             if not args.keep:  # this seed's runs only: another process may be training its own
@@ -314,7 +342,7 @@ def main() -> None:
                     shutil.rmtree(d) if d.is_dir() else d.unlink()
     if args.timing:
         time_rows(args.repeats)
-        write_json(RESULTS / "width_step.json", {**step_cost(), **machine()})
+        write_json(STEP, {**step_cost(), **machine()})
     summarise()
 
 

@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--population", type=int, help=h["population"])
     s.add_argument("--evaluations", type=int, help=h["evaluations"])
     s.add_argument("--eval-samples", type=int, help=h["eval_samples"])
+    s.add_argument("--final-samples", type=int,
+                   help="the first N examples of the validation and test splits re-score the front [whole splits]")
     s.add_argument("--seed", type=int, help=h["seed"])
     s.add_argument("--constraint", help='e.g. "macs<=7.6e8" or "params<=1e6,macs<8e8"')
     s.add_argument("--budget", help="allocator budget, e.g. macs=7.6e8 or params=1e6")

@@ -57,6 +57,21 @@ def test_search_writes_history_front_and_final_evaluation(capsys, trained_run):
     assert "Pareto front" in shown and str(d) in shown
 
 
+def test_final_samples_re_score_the_front_on_the_first_examples(capsys, trained_run):
+    args = ["search", "--run", trained_run, "--objectives", "acc,macs", *SMALL, "--name", "f", "--final-samples", "8"]
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    d = trained_run / "search" / "f"
+    pareto = pd.read_csv(d / "pareto.csv")
+    assert (pareto["val_examples"] == 8).all() and (pareto["test_examples"] == 8).all()
+    assert json.loads((d / "search.json").read_text())["settings"]["extra"]["final_samples"] == 8
+    i = int(pareto["index"].iloc[0])
+    code, line, err = cli(capsys, "eval", "--run", trained_run, "--subnet", d / "subnets" / f"{i}.json",
+                          "--split", "test", "--limit", "8")
+    assert code == 0, err
+    assert json.loads(line)["accuracy"] == pytest.approx(pareto["test_accuracy"].iloc[0], abs=1e-9)
+
+
 def test_search_resume_and_name_rules(capsys, trained_run):
     args = ["search", "--run", trained_run, "--objectives", "acc,params", *SMALL, "--name", "r", "--seed", "1"]
     assert cli(capsys, *args)[0] == 0
@@ -82,6 +97,8 @@ BAD = [
     (["--algorithm", "allocator", "--budget", "macs=10"], "budget"),
     (["--algorithm", "grid", "--evaluations", "16"], "grid"),
     (["--eval-samples", "0"], "--eval-samples"),
+    (["--final-samples", "-3"], "--final-samples"),
+    (["--resume", "--name", "a", "--final-samples", "8"], "saved settings"),
     (["--name", "../x"], "one plain folder name"),
     (["--resume", "--name", "nothing-here"], "no search to resume"),
     (["--resume"], "--name"),

@@ -38,7 +38,8 @@ SEARCH_DIR = "search"
 #: validation examples that score one configuration (``--eval-samples``)
 EVAL_SAMPLES = 500
 #: the settings given as flags; ``--resume`` refuses them (it continues with the saved ones)
-SETTINGS = ("objectives", "algorithm", "population", "evaluations", "seed", "constraint", "budget", "eval_samples")
+SETTINGS = ("objectives", "algorithm", "population", "evaluations", "seed", "constraint", "budget", "eval_samples",
+            "final_samples")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,12 +54,13 @@ def run(args: argparse.Namespace) -> int:
             raise SupernetError("--resume continues a search with its saved settings; give only --run and --name")
         if args.name is None:
             raise SupernetError("--resume needs the --name of the search to continue")
-        settings, samples = None, EVAL_SAMPLES
+        settings, samples, final = None, EVAL_SAMPLES, None
     else:
         samples = given.pop("eval_samples", EVAL_SAMPLES)
+        final = given.pop("final_samples", None)
         settings = SearchSettings(**given)  # what is not given: SearchSettings's defaults
     out = run_search_command(args.run, settings, args.name, args.resume, samples, args.batch_size,
-                             progress=sys.stderr.isatty())
+                             progress=sys.stderr.isatty(), final_samples=final)
     if out:  # the main process
         print_front(out)
     return 0
@@ -163,10 +165,13 @@ def _barrier(world: int) -> None:
 
 # ----------------------------------------------------------------------------- the command
 def run_search_command(run_dir: str | Path, settings: SearchSettings | None, name: str | None, resume: bool,
-                       eval_samples: int = EVAL_SAMPLES, batch_size: int = 64, progress: bool = False) -> dict:
+                       eval_samples: int = EVAL_SAMPLES, batch_size: int = 64, progress: bool = False,
+                       final_samples: int | None = None) -> dict:
     """Search one trained run; returns a summary (files and the Pareto front) on the main process.
 
     With ``resume`` and no ``settings``, the search named ``name`` continues with its saved settings.
+    ``final_samples``: the first examples of the validation and test splits that re-score the front
+    at the end (default: the whole splits), saved with the settings.
     """
     rank, world = _distributed()
     record = runfiles.read_run_config(run_dir)
@@ -177,9 +182,11 @@ def run_search_command(run_dir: str | Path, settings: SearchSettings | None, nam
         settings = saved_settings(search_dir(run_dir, name))
     else:
         validate.number("--eval-samples", eval_samples, low=0, low_open=True, integer=True)
-        settings = SearchSettings(**{**_fields(settings), "extra": {"eval_samples": int(eval_samples),
-                                                                     "split": "validation",
-                                                                     "seq_len": record["train"]["max_length"]}})
+        extra = {"eval_samples": int(eval_samples), "split": "validation", "seq_len": record["train"]["max_length"]}
+        if final_samples is not None:  # absent otherwise, so that older searches' settings compare equal
+            validate.number("--final-samples", final_samples, low=0, low_open=True, integer=True)
+            extra["final_samples"] = int(final_samples)
+        settings = SearchSettings(**{**_fields(settings), "extra": extra})
     out_dir = search_dir(run_dir, name or default_name(settings))
     _precheck(out_dir, settings, resume)
     if rank != 0:
@@ -229,7 +236,8 @@ def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, 
     if rank != 0:
         return {}
     with exclusive(out_dir / LOCK, f"search {out_dir.name!r}"):  # held already (re-entrant)
-        front = final_evaluation(setup, result.pareto, batch_size, device, progress)
+        front = final_evaluation(setup, result.pareto, batch_size, device, progress,
+                                 settings.extra.get("final_samples"))
         write_atomic(out_dir / "pareto.csv", front.to_csv(index=False))
         for row in front.to_dict(orient="records"):
             path = out_dir / "subnets" / f"{int(row['index'])}.json"
@@ -244,14 +252,16 @@ def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, 
 FINAL_COLUMNS = ["val_accuracy", "val_loss", "val_examples", "test_accuracy", "test_loss", "test_examples"]
 
 
-def final_evaluation(setup, pareto: pd.DataFrame, batch_size: int, device, progress: bool) -> pd.DataFrame:
-    """The Pareto set on the whole validation split and on the test split."""
+def final_evaluation(setup, pareto: pd.DataFrame, batch_size: int, device, progress: bool,
+                     samples: int | None = None) -> pd.DataFrame:
+    """The Pareto set on the whole validation split and on the test split (their first ``samples``
+    examples, if given)."""
     import pandas as pd
     from tqdm.auto import tqdm
 
     from supernet.evaluator import Evaluator
 
-    evaluators = {split: Evaluator(setup.net, setup.enc, split, None, batch_size, device, setup.cfg.max_length)
+    evaluators = {split: Evaluator(setup.net, setup.enc, split, samples, batch_size, device, setup.cfg.max_length)
                   for split in ("validation", "test")}
     rows = []
     for config in tqdm(pareto["config"], desc="final evaluation", disable=not progress, leave=False):
