@@ -25,6 +25,12 @@ search (``rank-nls`` searched with the same budget and seed), on common bounds. 
 configuration each step, the same number of steps: three times a uniform run's compute): their
 midpoints, fronts and searched rows at the same MACs budgets.
 
+``--model smollm2``: the same on SmolLM2-135M-Instruct (Llama, grouped-query attention: 9 heads
+in 3 KV groups, so ``--heads 1.0,0.67,0.33`` keeps 3, 2 or 1 per group), Rotten Tomatoes as a
+prompt scored by the answers' log-likelihood, 150 steps of 8; rows scored on the first 1,000 test
+examples, the search's front re-scored on the first 400 validation and test examples, and the
+rank-only network not searched (a CPU budget). Written to ``results/width_smollm2.*``.
+
 Writes results/width.csv (one row per seed and sub-network; rows already there are kept, so an
 interrupted run continues), results/width_fronts.csv, results/width.json and results/width.md.
 
@@ -58,7 +64,10 @@ SEARCH_RANK_ONLY = True  # also search the rank-only network (its front's hyperv
 # SmolLM2-135M (Llama, 9 heads in 3 KV groups: 3, 2 or 1 per group) on Rotten Tomatoes as a prompt,
 # scored by the answers' log-likelihood; one seed, fewer and smaller steps (a step costs ~6x MiniLM's)
 SMOLLM2 = {"recipe": {"model": "smollm2", "max_steps": 150, "batch_size": 8, "eval_every": 150, "save_every": 150},
-           "heads": [1.0, 0.67, 0.33], "name": "SmolLM2-135M-Instruct", "suffix": "_smollm2"}
+           "heads": [1.0, 0.67, 0.33], "name": "SmolLM2-135M-Instruct", "suffix": "_smollm2",
+           "test_limit": 1000, "final_samples": 400}
+TEST_LIMIT = None  # test examples of each row (None: the whole split)
+FINAL_SAMPLES = None  # validation / test examples that re-score a search's front (None: whole splits)
 RUNS = {
     "lora": {"ranks": [32]},
     "rank-nls": {"ranks": [32, 24, 16]},
@@ -106,7 +115,7 @@ def search(d: Path, seed: int, evaluations: int, samples: int) -> pd.DataFrame:
         settings = SearchSettings(objectives=("acc", "macs"), algorithm="nsga2", population=16,
                                   evaluations=evaluations, seed=seed)
         run_search_command(d, settings, name, resume=(d / "search" / name / "search.json").exists(),
-                           eval_samples=samples)
+                           eval_samples=samples, final_samples=FINAL_SAMPLES)
     return pd.read_csv(front)
 
 
@@ -122,7 +131,7 @@ def measure(seed: int, run: str, d: Path, rows: dict) -> None:
         df = load(CSV)
         if ((df["seed"] == seed) & (df["run"] == run) & (df["row"] == row)).any():
             continue
-        res = eval_run(d, json_file(d, row, config), "test")
+        res = eval_run(d, json_file(d, row, config), "test", limit=TEST_LIMIT)
         model = merged_model(net, config)
         total = sum(p.numel() for p in model.parameters())
         embed = sum(p.numel() for n, p in model.named_parameters()  # BERT's embeddings; Llama's (tied) embed_tokens
@@ -270,6 +279,7 @@ def summarise() -> dict:
             hv.append({"seed": seed, "run": run, "members": len(g), "hypervolume": hypervolume(F, ideal, nadir),
                        "macs_span": float(g["macs"].max() / g["macs"].min())})
     summary = {"setup": {"model": MODEL_NAME, "dataset": "rotten-tomatoes", **RECIPE, **WIDTH,
+                         "test_examples": TEST_LIMIT or "all", "front_rescored_on": FINAL_SAMPLES or "all",
                          "seq": SEQ, **machine()}, "rows": out, "fronts": hv}
     if STEP.exists():
         summary["train_step"] = json.loads(STEP.read_text())
@@ -299,11 +309,12 @@ def summarise() -> dict:
 def use_smollm2() -> None:
     """Switch the module's settings to the SmolLM2 profile (:data:`SMOLLM2`); the rank-only network is
     not searched (its midpoint is measured), to fit one seed on a CPU."""
-    global CSV, FRONTS, SPEED, STEP, MODEL_NAME, SEARCH_RANK_ONLY
+    global CSV, FRONTS, SPEED, STEP, MODEL_NAME, SEARCH_RANK_ONLY, TEST_LIMIT, FINAL_SAMPLES
     suffix = SMOLLM2["suffix"]
     CSV, FRONTS, SPEED = (RESULTS / f"{p.stem}{suffix}.csv" for p in (CSV, FRONTS, SPEED))
     STEP = RESULTS / f"width_step{suffix}.json"
     MODEL_NAME, SEARCH_RANK_ONLY = SMOLLM2["name"], False
+    TEST_LIMIT, FINAL_SAMPLES = SMOLLM2["test_limit"], SMOLLM2["final_samples"]
     RECIPE.update(SMOLLM2["recipe"])
     WIDTH["heads"] = SMOLLM2["heads"]
     for options in (*RUNS.values(), *EXTRAS.values()):
