@@ -325,7 +325,7 @@ def use_smollm2() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--workdir", default=str(RESULTS.parent / "runs" / "bench-width"))
+    ap.add_argument("--workdir", help="where the runs are trained [runs/bench-width, runs/bench-width-smollm2]")
     ap.add_argument("--steps", type=int, help="training steps [400; smollm2 150]")
     ap.add_argument("--evaluations", type=int, default=64)
     ap.add_argument("--search-samples", type=int, default=300)
@@ -343,6 +343,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.model == "smollm2":
         use_smollm2()
+    # one folder per model: a process deletes its seed's runs when done, and names repeat across models
+    args.workdir = args.workdir or str(RESULTS.parent / "runs" / ("bench-width" + SMOLLM2["suffix"].replace(
+        "_", "-") if args.model == "smollm2" else "bench-width"))
     if not args.summarise_only:
         if args.steps:
             RECIPE.update(max_steps=args.steps, eval_every=args.steps, save_every=args.steps)

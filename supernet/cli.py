@@ -1,6 +1,6 @@
 """``supernet`` command line: the parser (:func:`build_parser`) and :func:`main`, which runs the
 subcommand's ``run(args)`` in :mod:`supernet.commands` (``train``, ``eval``, ``search``, ``export``,
-``plot``, one module each).
+``fidelity``, ``plot``, one module each).
 
 Errors a user can cause end as one line on stderr (``supernet: error: ...``) and exit code 2.
 """
@@ -155,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "supernet.compress.load_compressed reads [dense]")
     x.add_argument("--out", help="output folder [RUN/exports/SUBNET-FORMAT]")
     x.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+
+    f = sub.add_parser("fidelity", help="train sub-networks stand-alone and measure how well the super-network "
+                                        "ranks them (Kendall tau, Spearman rho)")
+    f.add_argument("--run", required=True, help="run directory")
+    f.add_argument("--configs", type=int, default=10, help="configurations: max, min, mid and a spread over MACs [10]")
+    f.add_argument("--seed", type=int, default=0, help="seeds the spread and the bootstrap [0]")
+    f.add_argument("--eval-samples", type=int, help="validation examples that score each network [whole split]")
+    f.add_argument("--name", help="study name: results go to RUN/fidelity/NAME [nN-sSEED]")
+    f.add_argument("--batch-size", type=int, default=64, help="examples per forward pass [64]")
 
     g = sub.add_parser("plot", help="PNG figures (and their CSV data) of a run's training and searches")
     g.add_argument("--run", required=True, help="run directory")

@@ -70,6 +70,7 @@ class TrainConfig:
     sampler: str = "uniform"
     sandwich_random: int = 2  # the k random configs of a sandwich step (besides max and min)
     distill: str = "none"  # none | inplace: smaller sub-networks learn from the largest one's outputs (BigNAS)
+    fixed: dict | None = None  # train this one configuration only: a stand-alone network (supernet fidelity)
     max_steps: int = 400
     batch_size: int = 16
     grad_accum: int = 1
@@ -111,6 +112,8 @@ class TrainConfig:
             raise SupernetError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.distill not in ("none", "inplace"):
             raise SupernetError(f"unknown --distill {self.distill!r}; use none or inplace")
+        if self.fixed is not None and not isinstance(self.fixed, dict):
+            raise SupernetError("the fixed configuration must be a mapping {dimension: choice}")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise SupernetError("--mixed-precision must be auto, no or bf16")
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_every", "save_every",

@@ -109,6 +109,8 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=mp, cpu=distributed and not torch.cuda.is_available(),
                                        kwargs_handlers=[ddp])
         self.net = setup.net
+        # a stand-alone network: one configuration every step (checked against the space)
+        self.fixed = self.net.space.validate(self.cfg.fixed) if self.cfg.fixed is not None else None
         self.params = [p for p in self.net.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.schedule = Schedule.cosine(self.cfg)
@@ -199,8 +201,10 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
     def validate(self) -> list[dict]:
         rows = []
-        for name in ("max", "mid", "min"):
-            self.net.activate(self.net.space.named_config(name))
+        named = {"fixed": self.fixed} if self.fixed is not None else {
+            name: self.net.space.named_config(name) for name in ("max", "mid", "min")}
+        for name, config in named.items():
+            self.net.activate(config)
             res = evaluate(self.net.model, self.s.enc, "validation", limit=self.cfg.eval_samples,
                            device=self.accelerator.device)
             rows.append({"step": self.step, "subnet": name, "accuracy": res["accuracy"], "loss": res["loss"],
@@ -230,7 +234,8 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         while self.step < cfg.max_steps:
-            configs = step_configs(self.net, cfg.sampler, cfg.seed, self.step, cfg.sandwich_random)
+            configs = [self.fixed] if self.fixed is not None else step_configs(
+                self.net, cfg.sampler, cfg.seed, self.step, cfg.sandwich_random)
             self.optimizer.zero_grad(set_to_none=True)
             total = 0.0
             n_back = cfg.grad_accum * len(configs)
@@ -325,6 +330,8 @@ def check_distill(cfg: TrainConfig) -> None:
     """In-place distillation needs a teacher that learns: the sandwich rule trains the largest
     sub-network on the labels every step. With uniform sampling the largest is almost never drawn,
     so every sub-network would learn an untrained network's outputs (all losses near 0)."""
+    if cfg.distill == "inplace" and cfg.fixed is not None:
+        raise SupernetError("--distill inplace trains a super-network, not one fixed configuration")
     if cfg.distill == "inplace" and cfg.sampler != "sandwich":
         raise SupernetError("--distill inplace needs --sampler sandwich: the largest sub-network must learn the "
                             "labels every step to teach the others")

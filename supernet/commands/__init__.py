@@ -5,6 +5,8 @@
 - :mod:`.search`: ``supernet search`` (load a run once, score configurations, shard them across
   processes, re-evaluate the Pareto set on whole splits);
 - :mod:`.export`: ``supernet export`` (pick ``best`` or the front, write verified export folders);
+- :mod:`.fidelity`: ``supernet fidelity`` (configurations trained stand-alone against the
+  super-network's ranking of them);
 - :mod:`.plot`: ``supernet plot`` (the figures of a run folder).
 
 Each module has ``run(args) -> exit code`` and imports its heavy libraries when it runs, not
@@ -18,7 +20,7 @@ import argparse
 import importlib
 
 #: subcommand -> module of this package (the names ``supernet --help`` lists, in that order)
-COMMANDS = ("train", "eval", "search", "export", "plot")
+COMMANDS = ("train", "eval", "search", "export", "fidelity", "plot")
 
 
 def run(args: argparse.Namespace) -> int:
