@@ -87,7 +87,8 @@ def test_a_fixed_run_trains_one_configuration(capsys, tiny_train_args, tmp_path)
 
 def test_fidelity_command_trains_resumes_and_reports(capsys, tiny_train_args, tmp_path):
     code, _, err = cli(capsys, "train", *tiny_train_args, "--name", "r", "--max-steps", "30", "--lr", "1e-2",
-                       "--eval-every", "30", "--save-every", "10")
+                       "--eval-every", "30", "--save-every", "10", "--sampler", "sandwich", "--sandwich-random", "1",
+                       "--distill", "inplace")
     assert code == 0, err
     run = Path(tiny_train_args[tiny_train_args.index("--out") + 1]) / "r"
     code, out, err = cli(capsys, "fidelity", "--run", run, "--configs", "4")
@@ -107,6 +108,9 @@ def test_fidelity_command_trains_resumes_and_reports(capsys, tiny_train_args, tm
     for i, config in enumerate(rows["config"]):  # each stand-alone run trained its configuration only
         log = pd.read_csv(d / "standalone" / str(i) / "train_log.csv")
         assert all(json.loads(c) == json.loads(config) for c in log["config"])
+        options = json.loads((d / "standalone" / str(i) / "config.json").read_text())["train"]
+        assert (options["max_steps"], options["lr"], options["seed"]) == (30, 0.01, 0)  # the run's recipe
+        assert (options["sampler"], options["distill"]) == ("uniform", "none")  # no sampling, no teacher
 
     # resume: a finished stand-alone run is not trained again; a missing row is scored again, equal
     stamps = {i: (d / "standalone" / str(i) / "adapter.safetensors").stat().st_mtime_ns for i in range(4)}

@@ -144,7 +144,8 @@ def _train_standalone(cfg, config: dict, root: Path, i: int) -> Path:
     d = root / str(i)
     if (d / runfiles.ADAPTER).is_file():
         return d  # finished
-    alone = dataclasses.replace(cfg, fixed=config, name=str(i), out=str(root))
+    # the same options, data, steps and seed; one configuration every step, so no sampler and no teacher
+    alone = dataclasses.replace(cfg, fixed=config, sampler="uniform", distill="none", name=str(i), out=str(root))
     if (d / runfiles.CHECKPOINT).exists():
         resume(d)
     else:
