@@ -42,6 +42,10 @@ def test_train_then_eval(capsys, tiny_train_args, tmp_path):
     df = pd.read_csv(preds)
     assert len(df) == line["examples"] and {"label", "prediction", "logit_no", "logit_yes"} <= set(df.columns)
     assert (df["label"] == df["prediction"]).mean() == pytest.approx(line["accuracy"])
+    from scipy.stats import binomtest
+
+    ref = binomtest(int((df["label"] == df["prediction"]).sum()), len(df)).proportion_ci(method="wilson")
+    assert (line["accuracy_low"], line["accuracy_high"]) == pytest.approx((ref.low, ref.high), abs=1e-9)
 
     sub = tmp_path / "sub.json"
     sub.write_text(json.dumps(record["choices"] and {g: c[-1] for g, c in record["choices"].items()}))

@@ -46,6 +46,14 @@ def test_search_writes_history_front_and_final_evaluation(capsys, trained_run):
     # final evaluation on the whole validation and test splits (40 and 80 examples of the tiny CSV)
     assert (pareto["val_examples"] == 40).all() and (pareto["test_examples"] == 80).all()
     assert pareto["test_accuracy"].between(0, 1).all() and pareto["test_accuracy"].nunique() >= 1
+    # every accuracy with its 95% Wilson interval on the examples it was measured on
+    from scipy.stats import binomtest
+
+    for col, n in (("accuracy", 24), ("val_accuracy", 40), ("test_accuracy", 80)):
+        for acc, low, high in zip(pareto[col], pareto[f"{col}_low"], pareto[f"{col}_high"], strict=True):
+            ref = binomtest(round(acc * n), n).proportion_ci(method="wilson")
+            assert (low, high) == pytest.approx((ref.low, ref.high), abs=1e-6)  # accuracies are float32
+    assert "95% intervals" in shown and "evaluation noise" in shown
     for i in pareto["index"]:
         sub = json.loads((d / "subnets" / f"{i}.json").read_text())
         assert set(sub["final"]) >= {"val_accuracy", "test_accuracy"}

@@ -55,6 +55,7 @@ def eval_run(
     With ``predictions``, writes one CSV row per example: index, label, prediction and one
     logit (or answer score, for causal-LM) column per class.
     """
+    from supernet.fidelity import accuracy_interval
     from supernet.tasks import evaluate
 
     if split not in ("train", "validation", "test"):
@@ -73,11 +74,14 @@ def eval_run(
     with setup.net.merged():  # as the search scores it: adapters folded into dense weights
         res = evaluate(setup.net.model, setup.enc, split, batch_size=batch_size, limit=limit,
                        return_logits=predictions is not None, progress=progress)
+    low, high = accuracy_interval(res["accuracy"], res["examples"])  # 95% Wilson
     out = {
         "run": str(run_dir),
         "subnet": subnet,
         "split": split,
         "accuracy": res["accuracy"],
+        "accuracy_low": low,
+        "accuracy_high": high,
         "loss": res["loss"],
         "macs": setup.net.macs(config, setup.cfg.max_length),
         "seq_len": setup.cfg.max_length,

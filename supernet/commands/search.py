@@ -82,6 +82,11 @@ def print_front(out: dict) -> None:
     print(f"Pareto front ({len(front)} of {out['evaluations']} evaluated; accuracy on "
           f"{out['eval_examples']} validation examples, val_/test_ on the whole splits):", file=sys.stderr)
     print(table.to_string(index=False), file=sys.stderr)
+    noise = {c: 50 * (front[f"{c}_high"] - front[f"{c}_low"]).mean() for c in ("accuracy", "val_accuracy")
+             if f"{c}_high" in front.columns}
+    if noise:
+        print("95% intervals (Wilson): " + ", ".join(f"{c} +/- {v:.1f} points" for c, v in noise.items())
+              + "; a difference smaller than that is evaluation noise, not a ranking", file=sys.stderr)
     if out["selected"]:
         print(f"allocator's choice: evaluation {out['selected'].get('index')}", file=sys.stderr)
     print(f"files: {out['search']}/{{search.json, history.csv, pareto.csv, subnets/}}", file=sys.stderr)
@@ -238,6 +243,7 @@ def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, 
     with exclusive(out_dir / LOCK, f"search {out_dir.name!r}"):  # held already (re-entrant)
         front = final_evaluation(setup, result.pareto, batch_size, device, progress,
                                  settings.extra.get("final_samples"))
+        front = with_search_interval(front, evaluator.examples)
         write_atomic(out_dir / "pareto.csv", front.to_csv(index=False))
         for row in front.to_dict(orient="records"):
             path = out_dir / "subnets" / f"{int(row['index'])}.json"
@@ -249,7 +255,25 @@ def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, 
             "eval_examples": evaluator.examples, "processes": world}
 
 
-FINAL_COLUMNS = ["val_accuracy", "val_loss", "val_examples", "test_accuracy", "test_loss", "test_examples"]
+FINAL_COLUMNS = ["val_accuracy", "val_loss", "val_examples", "test_accuracy", "test_loss", "test_examples",
+                 "val_accuracy_low", "val_accuracy_high", "test_accuracy_low", "test_accuracy_high"]
+
+
+def with_search_interval(front: pd.DataFrame, examples: int) -> pd.DataFrame:
+    """``accuracy_low`` / ``accuracy_high``: the 95% Wilson interval of each member's search
+    accuracy, measured on ``examples`` validation examples."""
+    import pandas as pd
+
+    from supernet.fidelity import accuracy_interval
+
+    if "accuracy" not in front.columns:
+        return front
+    bounds = [accuracy_interval(a, examples) if pd.notna(a) else (float("nan"),) * 2 for a in front["accuracy"]]
+    at = front.columns.get_loc("accuracy") + 1
+    front = front.copy()
+    front.insert(at, "accuracy_high", [b[1] for b in bounds])
+    front.insert(at, "accuracy_low", [b[0] for b in bounds])
+    return front
 
 
 def final_evaluation(setup, pareto: pd.DataFrame, batch_size: int, device, progress: bool,
@@ -260,6 +284,7 @@ def final_evaluation(setup, pareto: pd.DataFrame, batch_size: int, device, progr
     from tqdm.auto import tqdm
 
     from supernet.evaluator import Evaluator
+    from supernet.fidelity import accuracy_interval
 
     evaluators = {split: Evaluator(setup.net, setup.enc, split, samples, batch_size, device, setup.cfg.max_length)
                   for split in ("validation", "test")}
@@ -268,8 +293,10 @@ def final_evaluation(setup, pareto: pd.DataFrame, batch_size: int, device, progr
         row = {}
         for short, split in (("val", "validation"), ("test", "test")):
             m = evaluators[split](json.loads(config))
-            row |= {f"{short}_accuracy": m["accuracy"], f"{short}_loss": m["loss"],
-                    f"{short}_examples": evaluators[split].examples}
+            n = evaluators[split].examples
+            low, high = accuracy_interval(m["accuracy"], n)
+            row |= {f"{short}_accuracy": m["accuracy"], f"{short}_loss": m["loss"], f"{short}_examples": n,
+                    f"{short}_accuracy_low": low, f"{short}_accuracy_high": high}
         rows.append(row)
     return pd.concat([pareto.reset_index(drop=True), pd.DataFrame(rows, columns=FINAL_COLUMNS)], axis=1)
 
