@@ -17,7 +17,7 @@ Strategies (``STRATEGIES``): ``nsga2`` (default), ``nsga3``, ``smsemoa``, ``spea
 (marginal-gain rank allocator).
 
 Objectives (``OBJECTIVES``, each minimised internally): ``acc``, ``loss``, ``macs``, ``params``,
-``latency`` and ``size``.
+``latency`` and ``size``, and the zero-cost proxies ``grad_norm``, ``snip`` and ``batch_loss``.
 """
 
 from .allocator import allocator_evaluations, greedy_allocation

@@ -54,8 +54,14 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("params", "params", 1.0, "", "trainable parameters"),
         Objective("latency", "latency", 1.0, "s", "latency"),
         Objective("size", "size", 1.0, "bytes", "deployed size"),
+        # zero-cost proxies (supernet.fidelity.proxies), from one training batch and no evaluation
+        Objective("grad_norm", "grad_norm", -1.0, "", "adapter gradient norm (proxy)"),
+        Objective("snip", "snip", -1.0, "", "SNIP saliency (proxy)"),
+        Objective("batch_loss", "batch_loss", 1.0, "", "loss on one training batch (proxy)"),
     )
 }
+#: the objectives that :func:`supernet.fidelity.proxies` computes, by metric
+PROXY_METRICS = {"grad_norm": "grad_norm", "snip": "snip", "batch_loss": "loss"}
 
 
 def resolve_objectives(names: str | Sequence[str]) -> tuple[Objective, ...]:

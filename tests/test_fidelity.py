@@ -129,3 +129,26 @@ def test_fidelity_command_trains_resumes_and_reports(capsys, tiny_train_args, tm
         assert_refused(code, err, message)
     code, _, err = cli(capsys, "fidelity", "--run", tmp_path / "nothing")
     assert code == 2 and err.count("\n") == 1
+
+
+def test_proxies_as_search_objectives(capsys, tiny_train_args, tmp_path):
+    """``--objectives acc,grad_norm,batch_loss``: the history holds each configuration's proxies,
+    equal to supernet.fidelity.proxies on the run's first training batch."""
+    from supernet.commands.search import proxy_batch
+    from supernet.loader import load_run
+
+    code, _, err = cli(capsys, "train", *tiny_train_args, "--name", "p")
+    assert code == 0, err
+    run = Path(tiny_train_args[tiny_train_args.index("--out") + 1]) / "p"
+    code, _, err = cli(capsys, "search", "--run", run, "--objectives", "acc,grad_norm,batch_loss", "--population",
+                       "4", "--evaluations", "6", "--eval-samples", "16", "--name", "z")
+    assert code == 0, err
+    history = pd.read_csv(run / "search" / "z" / "history.csv")
+    setup, _ = load_run(run)
+    batch = proxy_batch(setup, torch.device("cpu"))
+    for row in history.itertuples():
+        ref = proxies(setup.net, batch, json.loads(row.config))
+        assert row.grad_norm == pytest.approx(ref["grad_norm"], rel=1e-5)
+        assert row.batch_loss == pytest.approx(ref["loss"], rel=1e-5)
+        assert row.obj_grad_norm == pytest.approx(-row.grad_norm)  # maximised
+    assert history["grad_norm"].nunique() > 1

@@ -156,7 +156,7 @@ def test_search_defaults_are_those_of_a_search_without_flags():
 def _readme_bullet(title: str) -> list[str]:
     start = README.index(f"- **{title}**")
     end = README.index("\n- **", start + 1)
-    return [t for t in re.findall(r"`([^`]+)`", README[start:end]) if re.fullmatch(r"[a-z][a-z0-9]*", t)]
+    return [t for t in re.findall(r"`([^`]+)`", README[start:end]) if re.fullmatch(r"[a-z][a-z0-9_]*", t)]
 
 
 def _docstring_paragraph(title: str) -> list[str]:

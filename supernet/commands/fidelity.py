@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from supernet import files, runfiles, validate
+from supernet.commands.search import proxy_batch
 from supernet.errors import SupernetError
 from supernet.fidelity import PROXIES, accuracy_interval, pick_configs, rank_agreement
 
@@ -84,7 +85,7 @@ def fidelity_command(run_dir: str | Path, n: int = 10, seed: int = 0, eval_sampl
     device = default_device()
     with files.exclusive(out / ".lock", f"fidelity study {name!r}"):
         rows = _rows(out)
-        batch = _proxy_batch(setup, device)
+        batch = proxy_batch(setup, device)
         evaluator = Evaluator(setup.net, setup.enc, "validation", eval_samples, batch_size, device, cfg.max_length)
         todo = [(i, label, config) for i, (label, config) in enumerate(chosen) if i not in set(rows["index"])]
         for i, label, config in todo:
@@ -120,15 +121,6 @@ def _scored(prefix: str, res: dict, n: int) -> dict:
     low, high = accuracy_interval(res["accuracy"], n)
     return {f"{prefix}_accuracy": res["accuracy"], f"{prefix}_low": low, f"{prefix}_high": high,
             f"{prefix}_loss": res["loss"], f"{prefix}_examples": n}
-
-
-def _proxy_batch(setup, device) -> dict:
-    """The first training batch of the run's order (labels included)."""
-    from supernet.tasks import collate, rows_of
-
-    train = setup.enc.splits["train"]
-    batch = collate(setup.enc, rows_of(train, range(min(setup.cfg.batch_size, len(train)))))
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _proxies(net, batch, config) -> dict:

@@ -28,6 +28,7 @@ from supernet.errors import SupernetError
 from supernet.files import exclusive, write_atomic
 from supernet.search import SearchSettings, run_search
 from supernet.search.context import timed_map
+from supernet.search.objectives import PROXY_METRICS
 from supernet.search.run import LOCK
 
 if TYPE_CHECKING:
@@ -223,6 +224,16 @@ def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, 
     if "latency" in settings.objectives:
         def evaluate(config):
             return {**evaluator(config), "latency": evaluator.latency(config)}
+    wanted = [m for m in settings.objectives if m in PROXY_METRICS]
+    if wanted:  # zero-cost proxies from the run's first training batch
+        from supernet.fidelity import proxies
+
+        batch = proxy_batch(setup, device)
+        scored = evaluate
+
+        def evaluate(config):
+            found = proxies(setup.net, batch, config)
+            return {**scored(config), **{m: found[PROXY_METRICS[m]] for m in wanted}}
 
     map_fn = sharded_map(rank, world) if world > 1 else None
     _barrier(world)  # every process has checked the folder before the main one writes into it
@@ -257,6 +268,16 @@ def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, 
 
 FINAL_COLUMNS = ["val_accuracy", "val_loss", "val_examples", "test_accuracy", "test_loss", "test_examples",
                  "val_accuracy_low", "val_accuracy_high", "test_accuracy_low", "test_accuracy_high"]
+
+
+def proxy_batch(setup, device) -> dict:
+    """The first ``--batch-size`` examples of the run's training split, labels included: the batch
+    every zero-cost proxy is computed on."""
+    from supernet.tasks import collate, rows_of
+
+    train = setup.enc.splits["train"]
+    batch = collate(setup.enc, rows_of(train, range(min(setup.cfg.batch_size, len(train)))))
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def with_search_interval(front: pd.DataFrame, examples: int) -> pd.DataFrame:
