@@ -19,12 +19,16 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from supernet.network import SuperNetwork
 from supernet.space import Config
+
+if TYPE_CHECKING:
+    import torch
+
+    from supernet.network import SuperNetwork
 
 #: confidence level of every interval reported here
 LEVEL = 0.95

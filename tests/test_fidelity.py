@@ -152,3 +152,21 @@ def test_proxies_as_search_objectives(capsys, tiny_train_args, tmp_path):
         assert row.batch_loss == pytest.approx(ref["loss"], rel=1e-5)
         assert row.obj_grad_norm == pytest.approx(-row.grad_norm)  # maximised
     assert history["grad_norm"].nunique() > 1
+
+
+def test_front_confirmation_demotes_and_promotes_on_the_whole_split():
+    from supernet.front import candidates, confirm, with_search_interval
+
+    history = pd.DataFrame({"index": [0, 1, 2, 3], "config": ["{}"] * 4,
+                            "accuracy": [0.80, 0.78, 0.50, 0.70], "macs": [10.0, 10.0, 12.0, 5.0]})
+    history["obj_acc"], history["obj_macs"] = -history["accuracy"], history["macs"]
+    history = with_search_interval(history, 300)  # +/- about 4.5 points
+    members = [0, 3]  # 1 is beaten by 0 within the noise, 2 by far
+    picked = candidates(history, members, ["obj_acc", "obj_macs"])
+    assert picked == [0, 3, 1]
+    scored = history[history["index"].isin(picked)].assign(val_accuracy=[0.75, 0.79, 0.70], val_loss=0.5)
+    status = dict(zip(scored["index"], confirm(scored, ["acc", "macs"], members)["status"], strict=True))
+    assert status == {0: "demoted", 1: "promoted", 3: "kept"}
+    # with the search's own scores nothing changes
+    same = scored.assign(val_accuracy=scored["accuracy"])
+    assert set(confirm(same, ["acc", "macs"], members)["status"]) == {"kept", "beaten"}

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import cli
@@ -40,9 +41,28 @@ def test_search_writes_history_front_and_final_evaluation(capsys, trained_run):
     history = pd.read_csv(d / "history.csv")
     pareto = pd.read_csv(d / "pareto.csv")
     assert len(history) == 10 and history["config"].is_unique
-    # pareto.csv is exactly the non-dominated subset of history.csv
+    # the search's front (the non-dominated rows of history.csv) and the rows it beats within the noise
+    # were re-scored on the whole validation split; pareto.csv is the non-dominated set of those scores
     mask = non_dominated(history[["obj_acc", "obj_macs"]].to_numpy())
-    assert sorted(history.loc[mask, "index"]) == sorted(pareto["index"])
+    searched = set(history.loc[mask, "index"])
+    rescored = pd.read_csv(d / "rescored.csv")
+    assert searched <= set(rescored["index"]) and set(rescored["index"]) <= set(history["index"])
+    from supernet.fidelity import accuracy_interval
+
+    members = history[history["index"].isin(searched)]
+    for row in history.itertuples():  # re-scored: the members, and each row a member beats within the noise
+        beats = (members["obj_acc"] <= row.obj_acc) & (members["obj_macs"] <= row.obj_macs) & (
+            (members["obj_acc"] < row.obj_acc) | (members["obj_macs"] < row.obj_macs))
+        near = [accuracy_interval(row.accuracy, 24)[1] >= accuracy_interval(a, 24)[0] for a in members["accuracy"]]
+        expected = row.index in searched or bool((beats & np.array(near)).any())
+        assert (row.index in set(rescored["index"])) == expected
+    confirmed = non_dominated(np.column_stack([-rescored["val_accuracy"], rescored["obj_macs"]]))
+    assert sorted(rescored.loc[confirmed, "index"]) == sorted(pareto["index"])
+    status = dict(zip(rescored["index"], rescored["status"], strict=True))
+    assert all(status[i] in ("kept", "promoted") for i in pareto["index"])
+    assert {i for i, s in status.items() if s in ("kept", "demoted")} == searched
+    assert summary["confirmation"]["rescored"] == len(rescored)
+    assert sorted(int(p.stem) for p in (d / "subnets").glob("*.json")) == sorted(pareto["index"])
     # final evaluation on the whole validation and test splits (40 and 80 examples of the tiny CSV)
     assert (pareto["val_examples"] == 40).all() and (pareto["test_examples"] == 80).all()
     assert pareto["test_accuracy"].between(0, 1).all() and pareto["test_accuracy"].nunique() >= 1

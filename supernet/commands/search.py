@@ -88,12 +88,17 @@ def print_front(out: dict) -> None:
     if noise:
         print("95% intervals (Wilson): " + ", ".join(f"{c} +/- {v:.1f} points" for c, v in noise.items())
               + "; a difference smaller than that is evaluation noise, not a ranking", file=sys.stderr)
+    c = out.get("confirmation")
+    if c:
+        print(f"confirmed on the final examples: {c['rescored']} configurations re-scored (the front and those it "
+              f"beats within the noise); demoted {c['demoted'] or 'none'}, promoted {c['promoted'] or 'none'} "
+              "(rescored.csv)", file=sys.stderr)
     if out["selected"]:
         print(f"allocator's choice: evaluation {out['selected'].get('index')}", file=sys.stderr)
     print(f"files: {out['search']}/{{search.json, history.csv, pareto.csv, subnets/}}", file=sys.stderr)
     print(json.dumps({"search": out["search"], "evaluations": out["evaluations"],
                       "evaluated_now": out["evaluated_now"], "pareto_size": len(front), "processes": out["processes"],
-                      "selected": out["selected"]}))
+                      "selected": out["selected"], "confirmation": out.get("confirmation")}))
 
 
 def default_name(settings: SearchSettings) -> str:
@@ -192,6 +197,7 @@ def run_search_command(run_dir: str | Path, settings: SearchSettings | None, nam
         if final_samples is not None:  # absent otherwise, so that older searches' settings compare equal
             validate.number("--final-samples", final_samples, low=0, low_open=True, integer=True)
             extra["final_samples"] = int(final_samples)
+        extra["confirm"] = True  # the front confirmed on whole splits (supernet.front); older searches lack it
         settings = SearchSettings(**{**_fields(settings), "extra": extra})
     out_dir = search_dir(run_dir, name or default_name(settings))
     _precheck(out_dir, settings, resume)
@@ -252,22 +258,11 @@ def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, 
     if rank != 0:
         return {}
     with exclusive(out_dir / LOCK, f"search {out_dir.name!r}"):  # held already (re-entrant)
-        front = final_evaluation(setup, result.pareto, batch_size, device, progress,
-                                 settings.extra.get("final_samples"))
-        front = with_search_interval(front, evaluator.examples)
-        write_atomic(out_dir / "pareto.csv", front.to_csv(index=False))
-        for row in front.to_dict(orient="records"):
-            path = out_dir / "subnets" / f"{int(row['index'])}.json"
-            data = validate.read_json("sub-network file", path)
-            data["final"] = {k: row[k] for k in FINAL_COLUMNS}
-            runfiles.write_json(path, data)
+        front, confirmation = _final_front(setup, settings, result, evaluator.examples, batch_size, device, progress,
+                                           out_dir)
     return {"search": str(out_dir), "evaluations": len(result.history), "evaluated_now": result.evaluator_calls,
             "pareto": front, "selected": result.selected, "settings": settings.to_json(),
-            "eval_examples": evaluator.examples, "processes": world}
-
-
-FINAL_COLUMNS = ["val_accuracy", "val_loss", "val_examples", "test_accuracy", "test_loss", "test_examples",
-                 "val_accuracy_low", "val_accuracy_high", "test_accuracy_low", "test_accuracy_high"]
+            "eval_examples": evaluator.examples, "processes": world, "confirmation": confirmation}
 
 
 def proxy_batch(setup, device) -> dict:
@@ -280,46 +275,45 @@ def proxy_batch(setup, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def with_search_interval(front: pd.DataFrame, examples: int) -> pd.DataFrame:
-    """``accuracy_low`` / ``accuracy_high``: the 95% Wilson interval of each member's search
-    accuracy, measured on ``examples`` validation examples."""
-    import pandas as pd
+def _final_front(setup, settings: SearchSettings, result, examples: int, batch_size: int, device, progress: bool,
+                 out_dir: Path) -> tuple[pd.DataFrame, dict | None]:
+    """Score the front on whole splits; a search started with ``confirm`` first re-scores the
+    configurations its members beat within the noise and takes the front of all of them
+    (:mod:`supernet.front`, ``rescored.csv``). Writes pareto.csv and the members' subnets/ files."""
+    from supernet.front import FINAL_COLUMNS, candidates, confirm, final_evaluation, with_search_interval
 
-    from supernet.fidelity import accuracy_interval
-
-    if "accuracy" not in front.columns:
-        return front
-    bounds = [accuracy_interval(a, examples) if pd.notna(a) else (float("nan"),) * 2 for a in front["accuracy"]]
-    at = front.columns.get_loc("accuracy") + 1
-    front = front.copy()
-    front.insert(at, "accuracy_high", [b[1] for b in bounds])
-    front.insert(at, "accuracy_low", [b[0] for b in bounds])
-    return front
-
-
-def final_evaluation(setup, pareto: pd.DataFrame, batch_size: int, device, progress: bool,
-                     samples: int | None = None) -> pd.DataFrame:
-    """The Pareto set on the whole validation split and on the test split (their first ``samples``
-    examples, if given)."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from supernet.evaluator import Evaluator
-    from supernet.fidelity import accuracy_interval
-
-    evaluators = {split: Evaluator(setup.net, setup.enc, split, samples, batch_size, device, setup.cfg.max_length)
-                  for split in ("validation", "test")}
-    rows = []
-    for config in tqdm(pareto["config"], desc="final evaluation", disable=not progress, leave=False):
-        row = {}
-        for short, split in (("val", "validation"), ("test", "test")):
-            m = evaluators[split](json.loads(config))
-            n = evaluators[split].examples
-            low, high = accuracy_interval(m["accuracy"], n)
-            row |= {f"{short}_accuracy": m["accuracy"], f"{short}_loss": m["loss"], f"{short}_examples": n,
-                    f"{short}_accuracy_low": low, f"{short}_accuracy_high": high}
-        rows.append(row)
-    return pd.concat([pareto.reset_index(drop=True), pd.DataFrame(rows, columns=FINAL_COLUMNS)], axis=1)
+    samples = settings.extra.get("final_samples")
+    history = with_search_interval(result.history, examples)
+    members = [int(i) for i in result.pareto["index"]]
+    confirmation = None
+    if settings.extra.get("confirm") and "accuracy" in history.columns:
+        columns = [f"obj_{o}" for o in settings.objectives]
+        picked = candidates(history, members, columns)
+        scored = confirm(final_evaluation(setup, history[history["index"].isin(picked)], batch_size, device,
+                                          progress, samples), settings.objectives, members)
+        write_atomic(out_dir / "rescored.csv", scored.to_csv(index=False))
+        front = scored[scored["status"].isin(["kept", "promoted"])].drop(columns="status")
+        front = front.sort_values([*columns, "index"]).reset_index(drop=True)
+        confirmation = {"rescored": len(scored), **{k: [int(i) for i in scored.loc[scored["status"] == k, "index"]]
+                                                    for k in ("demoted", "promoted")}}
+    else:
+        front = with_search_interval(final_evaluation(setup, result.pareto, batch_size, device, progress, samples),
+                                     examples)
+    write_atomic(out_dir / "pareto.csv", front.to_csv(index=False))
+    subnets = out_dir / "subnets"
+    for i in (confirmation or {}).get("demoted", []):
+        (subnets / f"{i}.json").unlink(missing_ok=True)  # written by this search, no longer a member
+    metrics = [c for c in history.columns if c not in ("index", "generation", "config", "seconds", "accuracy_low",
+                                                       "accuracy_high") and not c.startswith("obj_")]
+    for row in front.to_dict(orient="records"):
+        path = subnets / f"{int(row['index'])}.json"
+        data = validate.read_json("sub-network file", path) if path.is_file() else {
+            "index": int(row["index"]), "config": json.loads(row["config"]),
+            "metrics": {m: row[m] for m in metrics},
+            "objectives": {o: row[f"obj_{o}"] for o in settings.objectives}}
+        data["final"] = {k: row[k] for k in FINAL_COLUMNS}
+        runfiles.write_json(path, data)
+    return front, confirmation
 
 
 def _fields(settings: SearchSettings) -> dict:
