@@ -9,12 +9,12 @@ writes search.json, history.csv, pareto.csv and subnets/ through :func:`run_sear
 Modules: ``encoding`` (integer variables, constraints), ``objectives``, ``strategies``,
 ``settings`` (:class:`SearchSettings`, whose defaults are the command's), ``history`` (the
 cached, resumable history file), ``context`` (what a strategy sees), ``pareto`` (front,
-hypervolume), ``allocator`` and ``run`` (:func:`run_search`).
+hypervolume), ``allocator``, ``halving`` and ``run`` (:func:`run_search`).
 
 Strategies (``STRATEGIES``): ``nsga2`` (default), ``nsga3``, ``smsemoa``, ``spea2`` (pymoo),
 ``morea`` (multi-objective regularized evolution), ``tpe`` (optuna's multi-objective TPE),
-``random``, ``grid``, ``local`` (Pareto local search), ``midpoint`` and ``allocator``
-(marginal-gain rank allocator).
+``random``, ``grid``, ``local`` (Pareto local search), ``midpoint``, ``allocator``
+(marginal-gain rank allocator) and ``halving`` (multi-fidelity successive halving).
 
 Objectives (``OBJECTIVES``, each minimised internally): ``acc``, ``loss``, ``macs``, ``params``,
 ``latency`` and ``size``, and the zero-cost proxies ``grad_norm``, ``snip`` and ``batch_loss``.

@@ -56,16 +56,23 @@ class SearchContext:
         history: history.csv; its loaded rows are the resume cache.
         progress: show a tqdm bar.
         map_fn: how a batch of new configs is evaluated (default: in this process, in order).
+        evaluate_at: ``(config, examples) -> raw metrics`` on the first ``examples`` validation
+            examples (multi-fidelity strategies), or None.
+        max_samples: the examples ``evaluate`` scores (the highest fidelity), or None.
     """
 
     def __init__(self, space: SearchSpace, encoding: Encoding, settings: Any, evaluate: EvaluateFn,
                  cost: CostFn | None, objectives: Sequence[Objective], constraint: Constraint | None,
                  limit: int | None, history: HistoryFile, progress: bool = False,
-                 map_fn: MapFn | None = None) -> None:
+                 map_fn: MapFn | None = None, evaluate_at: Callable | None = None,
+                 max_samples: int | None = None) -> None:
         self.space, self.encoding, self.settings = space, encoding, settings
         self.objectives = tuple(objectives)
         self.constraint, self.limit, self.history = constraint, limit, history
         self._evaluate, self._cost_fn = evaluate, cost
+        # multi-fidelity strategies: ``evaluate_at(config, examples)`` scores the first ``examples``
+        # of the ``max_samples`` validation examples that ``evaluate`` scores
+        self.evaluate_at, self.max_samples = evaluate_at, max_samples
         self._map = map_fn or timed_map
         self._loaded = {encoding.key(r.config): r for r in history.load()}
         self.records: list[Record] = []
@@ -77,6 +84,10 @@ class SearchContext:
         self._bar = _progress_bar(progress, limit)
 
     # ------------------------------------------------------------ state
+
+    @property
+    def has_cost(self) -> bool:
+        return self._cost_fn is not None
 
     @property
     def count(self) -> int:

@@ -25,6 +25,7 @@ from supernet.validate import jsonable
 
 from .context import EvaluateFn, MapFn, SearchContext
 from .encoding import CostFn, Encoding, parse_constraint
+from .halving import RUNG_FILE
 from .history import HistoryFile, Record, records_frame, write_records
 from .objectives import resolve_objectives
 from .pareto import pareto_front
@@ -135,7 +136,7 @@ def _preflight(ctx: SearchContext, check: Callable[[SearchContext], None] | None
 def run_search(
     space: SearchSpace, evaluate: EvaluateFn, cost: CostFn | None, out_dir: str | Path,
     settings: SearchSettings | None = None, resume: bool = False, progress: bool = False,
-    map_fn: MapFn | None = None,
+    map_fn: MapFn | None = None, evaluate_at: Callable | None = None, max_samples: int | None = None,
 ) -> SearchResult:
     """Search ``space`` and write the results to ``out_dir``.
 
@@ -151,6 +152,8 @@ def run_search(
         map_fn: ``map_fn(evaluate, configs) -> [(metrics, seconds), ...]``: how the new configs of
             one generation are evaluated (default: one after another in this process; the CLI
             passes one that splits them across distributed processes).
+        evaluate_at: ``(config, examples) -> raw metrics`` on the first ``examples`` of the
+            ``max_samples`` examples ``evaluate`` scores: the lower fidelities of ``halving``.
 
     One process at a time writes a search: a second one, fresh or resumed, is refused while the
     first runs (a lock file, :data:`LOCK`, released by the system when its holder exits). A new
@@ -168,18 +171,21 @@ def run_search(
     if resume:
         with exclusive(out_dir / LOCK, f"search {str(out_dir)!r}"):
             _check_out_dir(out_dir, wanted, resume)
-            return _search(space, evaluate, cost, out_dir, settings, strategy, wanted, resume, progress, map_fn)
-    return _search(space, evaluate, cost, out_dir, settings, strategy, wanted, resume, progress, map_fn)
+            return _search(space, evaluate, cost, out_dir, settings, strategy, wanted, resume, progress, map_fn,
+                           evaluate_at, max_samples)
+    return _search(space, evaluate, cost, out_dir, settings, strategy, wanted, resume, progress, map_fn,
+                   evaluate_at, max_samples)
 
 
 def _search(space, evaluate, cost, out_dir: Path, settings: SearchSettings, strategy, wanted: dict, resume: bool,
-            progress: bool, map_fn: MapFn | None) -> SearchResult:
+            progress: bool, map_fn: MapFn | None, evaluate_at: Callable | None = None,
+            max_samples: int | None = None) -> SearchResult:
     encoding = Encoding.from_space(space)
     objectives = resolve_objectives(settings.objectives)
     history = HistoryFile(out_dir / "history.csv", encoding, objectives)
     limit = settings.evaluations if strategy.budgeted else None
     ctx = SearchContext(space, encoding, settings, evaluate, cost, objectives, parse_constraint(settings.constraint),
-                        limit, history, progress, map_fn)
+                        limit, history, progress, map_fn, evaluate_at, max_samples)
     try:
         _preflight(ctx, strategy.check)
         if resume:
@@ -197,7 +203,8 @@ def _search(space, evaluate, cost, out_dir: Path, settings: SearchSettings, stra
                         raise SupernetError("the search found no configuration that satisfies the constraint "
                                             f"{ctx.constraint}; nothing was written")
                 except BaseException:
-                    if not history.path.is_file():  # nothing evaluated: remove what this search wrote
+                    if not history.path.is_file() and not (out_dir / RUNG_FILE).is_file():
+                        # nothing evaluated: remove what this search wrote
                         _discard(out_dir)
                     raise
                 return _finish(ctx, out_dir)

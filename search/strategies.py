@@ -345,6 +345,18 @@ def _check_allocator(ctx: SearchContext) -> None:
     check_allocator(ctx)
 
 
+def _run_halving(ctx: SearchContext) -> None:
+    from .halving import run_halving
+
+    run_halving(ctx)
+
+
+def _check_halving(ctx: SearchContext) -> None:
+    from .halving import check_halving
+
+    check_halving(ctx)
+
+
 def _check_start(ctx: SearchContext) -> None:
     _feasible_start(ctx, ctx.settings.algorithm)
 
@@ -362,4 +374,7 @@ STRATEGIES: dict[str, Strategy] = {
     "midpoint": Strategy(run_midpoint, False, "one evaluation: the heuristic midpoint", _check_start),
     "allocator": Strategy(_run_allocator, False, "marginal-gain rank allocator under a macs/params budget",
                           _check_allocator),
+    "halving": Strategy(_run_halving, True, "multi-fidelity successive halving: many configurations on few "
+                        "validation examples, the best third promoted to three times as many, within the "
+                        "examples NSGA-II would score", _check_halving),
 }

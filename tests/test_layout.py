@@ -168,7 +168,7 @@ def _docstring_paragraph(title: str) -> list[str]:
 def test_readme_and_docstring_name_every_strategy():
     assert _readme_bullet("Strategies") == list(STRATEGIES)
     assert _docstring_paragraph("Strategies") == list(STRATEGIES)
-    assert len(STRATEGIES) == 11
+    assert len(STRATEGIES) == 12
 
 
 def test_readme_and_docstring_name_every_objective():

@@ -50,7 +50,7 @@ class Synthetic:
     """
 
     def __init__(self, space: SearchSpace, fail_after: int | None = None) -> None:
-        self.space, self.fail_after, self.calls = space, fail_after, []
+        self.space, self.fail_after, self.calls, self.low = space, fail_after, [], []
         n = len(space.groups)
         self.weights = np.resize(WEIGHTS, n)
         self.costs = np.resize(COSTS, n)
@@ -59,10 +59,24 @@ class Synthetic:
         r = ranks(self.space, config)
         return {"macs": float(1e6 + 1e3 * (self.costs * r).sum()), "params": float(100 * r.sum())}
 
+    def at(self, config: dict, examples: int) -> dict:
+        """The lower fidelities of ``halving``: the same metrics plus noise that shrinks with the
+        examples (deterministic per config and examples)."""
+        if self.fail_after is not None and len(self.calls) + len(self.low) >= self.fail_after:
+            raise RuntimeError("killed")
+        self.low.append((json.dumps(config), examples))
+        exact = self.score(config)
+        seed = abs(hash((json.dumps(config, sort_keys=True), examples))) % (2**32)
+        noise = np.random.default_rng(seed).normal(0, 0.3 / np.sqrt(examples))
+        return {**exact, "accuracy": exact["accuracy"] + noise, "loss": exact["loss"] - noise}
+
     def __call__(self, config: dict) -> dict:
-        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+        if self.fail_after is not None and len(self.calls) + len(self.low) >= self.fail_after:
             raise RuntimeError("killed")
         self.calls.append(json.dumps(config))
+        return self.score(config)
+
+    def score(self, config: dict) -> dict:
         r = ranks(self.space, config) / max(self.space.max_config().values())
         accuracy = 0.5 + 0.4 * float((self.weights * np.sqrt(r)).sum() / self.weights.sum())
         return {"accuracy": accuracy, "loss": 1.0 - accuracy, "latency": 0.001 * float(r.sum())}
@@ -74,8 +88,17 @@ def search(tmp_path: Path, name: str = "s", space: SearchSpace | None = None, fa
     evaluator = Synthetic(space, fail_after)
     settings.setdefault("population", 6)
     settings.setdefault("evaluations", 30)
-    result = run_search(space, evaluator, evaluator.cost, tmp_path / name, SearchSettings(**settings), resume=resume)
+    result = run_search(space, evaluator, evaluator.cost, tmp_path / name, SearchSettings(**settings), resume=resume,
+                        evaluate_at=evaluator.at, max_samples=SAMPLES)
     return result, evaluator
+
+
+SAMPLES = 300  # the examples of one full evaluation (halving's top rung)
+
+
+def full_evaluations(algorithm: str, budget: int) -> int:
+    """Rows of history.csv a budgeted strategy ends with: its budget, or halving's top rung."""
+    return budget // 3 if algorithm == "halving" else budget
 
 
 def without_seconds(frame: pd.DataFrame) -> pd.DataFrame:
@@ -266,7 +289,7 @@ def test_every_strategy_returns_a_front(tmp_path, algorithm):
     result, evaluator = search(tmp_path, space=small_space(4), algorithm=algorithm, evaluations=20, **kw)
     assert len(result.pareto) > 0 and len(evaluator.calls) == len(result.history)
     if STRATEGIES[algorithm].budgeted:
-        assert len(result.history) == 20
+        assert len(result.history) == full_evaluations(algorithm, 20)
     saved = json.loads((tmp_path / "s" / "search.json").read_text())
     assert saved["settings"]["algorithm"] == algorithm and saved["space"] == small_space(4).to_json()
 
@@ -276,7 +299,9 @@ def test_three_objectives_with_a_constraint(tmp_path, algorithm):
     search(tmp_path, "warm-up", algorithm=algorithm, objectives=("acc", "macs"))  # no state leaks between runs
     result, evaluator = search(tmp_path, space=small_space(4), algorithm=algorithm, population=4, evaluations=16,
                                objectives=("loss", "params", "latency"), constraint="macs<=1.3e6")
-    assert len(result.history) == 16 and (result.history["macs"] <= 1.3e6).all() and len(result.pareto) > 0
+    assert len(result.history) == full_evaluations(algorithm, 16) and (result.history["macs"] <= 1.3e6).all()
+    assert len(result.pareto) > 0
+    assert all(evaluator.cost(json.loads(c))["macs"] <= 1.3e6 for c, _ in evaluator.low)  # no rung either
 
 
 def test_no_feasible_configuration_is_an_error(tmp_path):
@@ -454,3 +479,48 @@ def test_evaluator_must_return_the_objective_metrics(tmp_path):
     space = small_space(2)
     with pytest.raises(SupernetError, match="needs metric 'accuracy'"):
         run_search(space, lambda c: {"loss": 1.0}, None, tmp_path / "s", SearchSettings(population=2, evaluations=2))
+
+
+# ---------------------------------------------------------------- multi-fidelity
+
+
+def test_halving_stays_within_the_forward_passes_of_nsga2(tmp_path):
+    from supernet.search.halving import examples_scored, plan
+
+    assert plan(24, 300) == [(72, 33), (24, 100), (8, 300)] and examples_scored(plan(24, 300)) <= 24 * 300
+    result, evaluator = search(tmp_path, space=small_space(5), algorithm="halving", evaluations=24, seed=2)
+    scored = sum(e for _, e in evaluator.low) + SAMPLES * len(evaluator.calls)
+    assert 0.95 * 24 * SAMPLES <= scored <= 24 * SAMPLES
+    assert len(result.history) == 8 and len({c for c, _ in evaluator.low}) == 72
+    rungs = pd.read_csv(tmp_path / "s" / "rungs.csv")
+    assert rungs.groupby("rung")["examples"].agg(["first", "size"]).values.tolist() == [[33, 72], [100, 24]]
+    # promotion works: the configurations that reach the top rung lie on the true front of the
+    # starting ones far more often than the starting ones do
+    start = [json.loads(c) for c in rungs.loc[rungs["rung"] == 0, "config"]]
+    F = np.array([[-evaluator.score(c)["accuracy"], evaluator.cost(c)["macs"]] for c in start])
+    on_front = {json.dumps(c, sort_keys=True) for c, keep in zip(start, non_dominated(F), strict=True) if keep}
+    top = [json.dumps(json.loads(c), sort_keys=True) for c in result.history["config"]]
+    assert sum(c in on_front for c in top) / len(top) > 2 * len(on_front) / len(start)
+
+
+def test_halving_resumes_exactly(tmp_path):
+    kw = {"algorithm": "halving", "evaluations": 24, "seed": 5}
+    full, first = search(tmp_path, "full", **kw)
+    with pytest.raises(RuntimeError, match="killed"):
+        search(tmp_path, "cut", fail_after=50, **kw)
+    assert not (tmp_path / "cut" / "history.csv").exists() and (tmp_path / "cut" / "rungs.csv").is_file()
+    resumed, again = search(tmp_path, "cut", resume=True, **kw)
+    assert len(again.low) + len(again.calls) == len(first.low) + len(first.calls) - 50
+    pd.testing.assert_frame_equal(without_seconds(resumed.history), without_seconds(full.history))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "cut" / "rungs.csv").drop(columns="seconds"),
+                                  pd.read_csv(tmp_path / "full" / "rungs.csv").drop(columns="seconds"))
+
+
+def test_halving_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(SupernetError, match="at least 3"):
+        search(tmp_path, algorithm="halving", evaluations=2, population=2)
+    space = small_space()
+    evaluator = Synthetic(space)
+    with pytest.raises(SupernetError, match="chosen number of examples"):
+        run_search(space, evaluator, evaluator.cost, tmp_path / "x", SearchSettings(algorithm="halving"))
+    assert not (tmp_path / "s").exists() and not (tmp_path / "x").exists()

@@ -268,3 +268,21 @@ def test_bad_export_input(capsys, trained_run, tmp_path):
         code, _, err = cli(capsys, "export", "--run", trained_run, *extra)
         assert code == 2 and err.startswith("supernet: error:") and err.count("\n") == 1 and message in err, err
     assert (foreign / "keep.txt").read_text() == "mine" and not (tmp_path / "w").exists()
+
+
+def test_halving_through_the_cli_scores_lower_rungs_on_fewer_examples(capsys, trained_run):
+    code, out, err = cli(capsys, "search", "--run", trained_run, "--objectives", "acc,macs", "--algorithm", "halving",
+                         "--evaluations", "6", "--eval-samples", "27", "--population", "4", "--name", "h")
+    assert code == 0, err
+    d = trained_run / "search" / "h"
+    rungs = pd.read_csv(d / "rungs.csv")
+    assert rungs.groupby("rung")["examples"].agg(["first", "size"]).values.tolist() == [[3, 18], [9, 6]]
+    history = pd.read_csv(d / "history.csv")
+    assert len(history) == 2 and set(history["config"]) <= set(rungs.loc[rungs["rung"] == 1, "config"])
+    # a rung's accuracy is that of `supernet eval --limit` on as many validation examples
+    row = rungs.iloc[0]
+    (d.parent / "one.json").write_text(row["config"])
+    code, line, err = cli(capsys, "eval", "--run", trained_run, "--subnet", d.parent / "one.json", "--split",
+                          "validation", "--limit", "3")
+    assert code == 0, err
+    assert json.loads(line)["accuracy"] == pytest.approx(json.loads(row["metrics"])["accuracy"], abs=1e-6)

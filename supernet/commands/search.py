@@ -226,32 +226,41 @@ def _search_run(run_dir, settings: SearchSettings, out_dir: Path, resume: bool, 
     samples = int(settings.extra.get("eval_samples", eval_samples))
     device = _device(world)
     evaluator = Evaluator(setup.net, setup.enc, "validation", samples, batch_size, device, setup.cfg.max_length)
-    evaluate = evaluator
-    if "latency" in settings.objectives:
-        def evaluate(config):
-            return {**evaluator(config), "latency": evaluator.latency(config)}
     wanted = [m for m in settings.objectives if m in PROXY_METRICS]
-    if wanted:  # zero-cost proxies from the run's first training batch
-        from supernet.fidelity import proxies
+    batch = proxy_batch(setup, device) if wanted else None  # zero-cost proxies: the run's first training batch
 
-        batch = proxy_batch(setup, device)
-        scored = evaluate
+    def extras(config) -> dict:
+        out = {"latency": evaluator.latency(config)} if "latency" in settings.objectives else {}
+        if wanted:
+            from supernet.fidelity import proxies
 
-        def evaluate(config):
             found = proxies(setup.net, batch, config)
-            return {**scored(config), **{m: found[PROXY_METRICS[m]] for m in wanted}}
+            out |= {m: found[PROXY_METRICS[m]] for m in wanted}
+        return out
+
+    def evaluate(config):
+        return {**evaluator(config), **extras(config)}
+
+    fidelities = {samples: evaluator}
+
+    def evaluate_at(config, examples: int):  # the lower fidelities of a multi-fidelity strategy
+        if examples not in fidelities:
+            fidelities[examples] = Evaluator(setup.net, setup.enc, "validation", examples, batch_size, device,
+                                             setup.cfg.max_length)
+        return {**fidelities[examples](config), **extras(config)}
 
     map_fn = sharded_map(rank, world) if world > 1 else None
     _barrier(world)  # every process has checked the folder before the main one writes into it
     if rank == 0:
-        result = run_search(setup.net.space, evaluate, evaluator.cost, out_dir, settings, resume, progress, map_fn)
+        result = run_search(setup.net.space, evaluate, evaluator.cost, out_dir, settings, resume, progress, map_fn,
+                            evaluate_at, samples)
     else:  # the same seeded search, its files in a private folder (the main process writes the real ones)
         scratch = Path(tempfile.mkdtemp(prefix="supernet-search-"))
         try:
             if resume:
                 shutil.copytree(out_dir, scratch / "s")
             result = run_search(setup.net.space, evaluate, evaluator.cost, scratch / "s", settings, resume, False,
-                                map_fn)
+                                map_fn, evaluate_at, samples)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     _barrier(world)
