@@ -85,3 +85,15 @@ def append_row(csv: Path, row: dict):
 def write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """The lines of a markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def write_markdown(path: Path, lines: list[str]) -> None:
+    """Write a benchmark's markdown summary and print it."""
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _common import RESULTS, machine, write_json
+from _common import RESULTS, machine, markdown_table, write_json, write_markdown
 from width import RECIPE, SANDWICH, WIDTH
 
 SEED = 0
@@ -95,23 +95,22 @@ def main() -> None:
                                                      "seed": SEED, "configs": CONFIGS, **RECIPE, **WIDTH,
                                                      "split": "validation (whole)", **machine()},
                                            "studies": summary})
-    lines = ["| super-network | Kendall tau [95% CI] | Spearman rho [95% CI] | super-net acc. range (%) | "
-             "stand-alone acc. range (%) | mean 95% interval (points) |", "|---|---|---|---|---|---|"]
+    table = []
     for name, s in summary.items():
         t, g = s["supernet"], df[df["supernet"] == name]
-        lines.append(f"| {name} | {t['kendall_tau']:.2f} [{t['kendall_tau_low']:.2f}, {t['kendall_tau_high']:.2f}] | "
-                     f"{t['spearman_rho']:.2f} [{t['spearman_rho_low']:.2f}, {t['spearman_rho_high']:.2f}] | "
-                     f"{100 * g['supernet_accuracy'].min():.1f}-{100 * g['supernet_accuracy'].max():.1f} | "
-                     f"{100 * g['standalone_accuracy'].min():.1f}-{100 * g['standalone_accuracy'].max():.1f} | "
-                     f"+/- {50 * s['noise']['mean_interval_width']:.1f} |")
-    lines += ["", "| proxy (on the uniform super-network) | Kendall tau [95% CI] | seconds per configuration |",
-              "|---|---|---|"]
-    for p, t in summary["uniform"]["proxies"].items():
-        lines.append(f"| {p} | {t['kendall_tau']:.2f} [{t['kendall_tau_low']:.2f}, {t['kendall_tau_high']:.2f}] | "
-                     f"{t['seconds_per_config']:.2f} |")
-    (RESULTS / "fidelity.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+        table.append([name, f"{t['kendall_tau']:.2f} [{t['kendall_tau_low']:.2f}, {t['kendall_tau_high']:.2f}]",
+                      f"{t['spearman_rho']:.2f} [{t['spearman_rho_low']:.2f}, {t['spearman_rho_high']:.2f}]",
+                      f"{100 * g['supernet_accuracy'].min():.1f}-{100 * g['supernet_accuracy'].max():.1f}",
+                      f"{100 * g['standalone_accuracy'].min():.1f}-{100 * g['standalone_accuracy'].max():.1f}",
+                      f"+/- {50 * s['noise']['mean_interval_width']:.1f}"])
+    lines = markdown_table(["super-network", "Kendall tau [95% CI]", "Spearman rho [95% CI]",
+                            "super-net acc. range (%)", "stand-alone acc. range (%)", "mean 95% interval (points)"],
+                           table)
+    lines += [""] + markdown_table(
+        ["proxy (on the uniform super-network)", "Kendall tau [95% CI]", "seconds per configuration"],
+        [[p, f"{t['kendall_tau']:.2f} [{t['kendall_tau_low']:.2f}, {t['kendall_tau_high']:.2f}]",
+          f"{t['seconds_per_config']:.2f}"] for p, t in summary["uniform"]["proxies"].items()])
+    write_markdown(RESULTS / "fidelity.md", lines)
 
 if __name__ == "__main__":
     from supernet.cli import _quiet_libraries

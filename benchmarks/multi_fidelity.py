@@ -28,7 +28,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from _common import RESULTS, append_row, machine, write_json
+from _common import RESULTS, append_row, machine, markdown_table, write_json, write_markdown
 
 CSV = RESULTS / "multi_fidelity.csv"
 RUN = RESULTS.parent / "runs" / "bench-fidelity" / "uniform"
@@ -99,15 +99,12 @@ def main() -> None:
                                                            "eval_samples": SAMPLES, "evaluations": EVALUATIONS,
                                                            "population": POPULATION, **machine()},
                                                  "summary": summary, "rows": df.to_dict(orient="records")})
-    lines = ["| strategy | hypervolume (whole validation) | scored examples (budget) | front members demoted by "
-             "the whole split | promoted | seconds per search | seeds |", "|---|---|---|---|---|---|---|"]
-    for s in summary:
-        lines.append(f"| {s['algorithm']} | {s['hypervolume']:.3f} ± {s['hypervolume_std']:.3f} | "
-                     f"{s['scored_examples']:,.0f} ({s['budget_examples']:,}) | {s['demoted']} of "
-                     f"{s['searched_front']} | {s['promoted']} | {s['seconds']:.0f} | {s['seeds']} |")
-    (RESULTS / "multi_fidelity.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    write_markdown(RESULTS / "multi_fidelity.md", markdown_table(
+        ["strategy", "hypervolume (whole validation)", "scored examples (budget)",
+         "front members demoted by the whole split", "promoted", "seconds per search", "seeds"],
+        [[s["algorithm"], f"{s['hypervolume']:.3f} ± {s['hypervolume_std']:.3f}",
+          f"{s['scored_examples']:,.0f} ({s['budget_examples']:,})", f"{s['demoted']} of {s['searched_front']}",
+          s["promoted"], f"{s['seconds']:.0f}", s["seeds"]] for s in summary]))
 
 if __name__ == "__main__":
     from supernet.cli import _quiet_libraries
