@@ -8,10 +8,11 @@ that decide the front. So, at the end (:func:`confirm`):
    the noise*: dominated by it on the objectives, but with a search accuracy whose 95% Wilson
    interval reaches the member's (``accuracy_high >= member's accuracy_low``);
 2. every candidate is re-scored on the whole validation split (or its first ``--final-samples``
-   examples) and on the test split;
+   examples);
 3. the front is the non-dominated set of the candidates with the whole-validation scores in place
    of the search's (``acc`` and ``loss``; costs, latency and proxies as measured). A member that
-   falls out is *demoted*; a candidate that comes in is *promoted*.
+   falls out is *demoted*; a candidate that comes in is *promoted*. The front's members are then
+   scored on the test split too.
 
 Only the validation split decides; the test split is reported, never used to select.
 """
@@ -47,27 +48,32 @@ def with_search_interval(frame: pd.DataFrame, examples: int) -> pd.DataFrame:
     return frame
 
 
+SPLITS = {"val": "validation", "test": "test"}
+
+
 def final_evaluation(setup, rows: pd.DataFrame, batch_size: int, device, progress: bool,
-                     samples: int | None = None) -> pd.DataFrame:
-    """``rows`` scored on the whole validation split and on the test split (their first ``samples``
-    examples, if given), each accuracy with its 95% Wilson interval."""
+                     samples: int | None = None, splits: Sequence[str] = ("val", "test")) -> pd.DataFrame:
+    """``rows`` scored on the whole validation split and on the test split (``splits``; their first
+    ``samples`` examples, if given), each accuracy with its 95% Wilson interval."""
     from tqdm.auto import tqdm
 
     from supernet.evaluator import Evaluator
 
-    evaluators = {split: Evaluator(setup.net, setup.enc, split, samples, batch_size, device, setup.cfg.max_length)
-                  for split in ("validation", "test")}
+    evaluators = {SPLITS[s]: Evaluator(setup.net, setup.enc, SPLITS[s], samples, batch_size, device,
+                                       setup.cfg.max_length) for s in splits}
+    columns = [c for c in FINAL_COLUMNS if c.split("_", 1)[0] in splits]
     out = []
     for config in tqdm(rows["config"], desc="final evaluation", disable=not progress, leave=False):
         row = {}
-        for short, split in (("val", "validation"), ("test", "test")):
+        for short in splits:
+            split = SPLITS[short]
             m = evaluators[split](json.loads(config))
             n = evaluators[split].examples
             low, high = accuracy_interval(m["accuracy"], n)
             row |= {f"{short}_accuracy": m["accuracy"], f"{short}_loss": m["loss"], f"{short}_examples": n,
                     f"{short}_accuracy_low": low, f"{short}_accuracy_high": high}
         out.append(row)
-    return pd.concat([rows.reset_index(drop=True), pd.DataFrame(out, columns=FINAL_COLUMNS)], axis=1)
+    return pd.concat([rows.reset_index(drop=True), pd.DataFrame(out, columns=columns)], axis=1)
 
 
 def candidates(history: pd.DataFrame, members: Sequence[int], columns: Sequence[str]) -> list[int]:

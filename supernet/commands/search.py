@@ -289,6 +289,8 @@ def _final_front(setup, settings: SearchSettings, result, examples: int, batch_s
     """Score the front on whole splits; a search started with ``confirm`` first re-scores the
     configurations its members beat within the noise and takes the front of all of them
     (:mod:`supernet.front`, ``rescored.csv``). Writes pareto.csv and the members' subnets/ files."""
+    import pandas as pd
+
     from supernet.front import FINAL_COLUMNS, candidates, confirm, final_evaluation, with_search_interval
 
     samples = settings.extra.get("final_samples")
@@ -299,10 +301,13 @@ def _final_front(setup, settings: SearchSettings, result, examples: int, batch_s
         columns = [f"obj_{o}" for o in settings.objectives]
         picked = candidates(history, members, columns)
         scored = confirm(final_evaluation(setup, history[history["index"].isin(picked)], batch_size, device,
-                                          progress, samples), settings.objectives, members)
+                                          progress, samples, ("val",)), settings.objectives, members)
         write_atomic(out_dir / "rescored.csv", scored.to_csv(index=False))
         front = scored[scored["status"].isin(["kept", "promoted"])].drop(columns="status")
         front = front.sort_values([*columns, "index"]).reset_index(drop=True)
+        test = final_evaluation(setup, front[["config"]], batch_size, device, progress, samples, ("test",))
+        front = pd.concat([front, test.drop(columns="config")], axis=1)[[*front.columns, *test.columns[1:]]]
+        front = front[[c for c in front.columns if c not in FINAL_COLUMNS] + FINAL_COLUMNS]
         confirmation = {"rescored": len(scored), **{k: [int(i) for i in scored.loc[scored["status"] == k, "index"]]
                                                     for k in ("demoted", "promoted")}}
     else:
