@@ -66,6 +66,7 @@ SEARCH_RANK_ONLY = True  # also search the rank-only network (its front's hyperv
 SMOLLM2 = {"recipe": {"model": "smollm2", "max_steps": 150, "batch_size": 8, "eval_every": 150, "save_every": 150},
            "heads": [1.0, 0.67, 0.33], "name": "SmolLM2-135M-Instruct", "suffix": "_smollm2",
            "test_limit": 1000, "final_samples": 400}
+NO_SEARCH = False  # --no-search: the midpoints only
 TEST_LIMIT = None  # test examples of each row (None: the whole split)
 FINAL_SAMPLES = None  # validation / test examples that re-score a search's front (None: whole splits)
 RUNS = {
@@ -233,14 +234,14 @@ def one_seed(seed: int, workdir: str, evaluations: int, samples: int, extras: bo
         setup, _ = load_run(d)
         net = setup.net
         rows = {"max": net.max_config()} if run == "lora" else {"mid": net.mid_config()}
-        if run != "lora" and (SEARCH_RANK_ONLY or run != "rank-nls"):
+        if run != "lora" and (SEARCH_RANK_ONLY or run != "rank-nls") and not NO_SEARCH:
             front = search(d, seed, evaluations, samples)
             if not done(FRONTS, seed, run):
                 for r in front.to_dict(orient="records"):
                     append_row(FRONTS, {"seed": seed, "run": run, "row": int(r["index"]), "macs": r["macs"],
                                         "accuracy": r["accuracy"], "val_accuracy": r["val_accuracy"],
                                         "test_accuracy": r["test_accuracy"], "config": r["config"]})
-            if run.startswith("width-nls"):  # the extras too: compared at the same MACs budgets
+            if run.startswith("width-nls") and not NO_SEARCH:  # the extras too: compared at the same MACs budgets
                 rows.update(searched_rows(front, net.macs(net.max_config(), SEQ, merged=True)))
         del setup, net
         measure(seed, run, d, rows)
@@ -336,6 +337,8 @@ def main() -> None:
     ap.add_argument("--timing", action="store_true", help="time the exported models (run alone, after training: "
                                                           "timings taken beside another job mean nothing)")
     ap.add_argument("--summarise-only", action="store_true")
+    ap.add_argument("--no-search", action="store_true",
+                    help="measure the midpoints only (no searched rows): a CPU budget for SmolLM2")
     ap.add_argument("--model", choices=["minilm", "smollm2"], default="minilm",
                     help="smollm2: SmolLM2-135M (GQA), the causal-LM task, 150 steps of 8, written to *_smollm2 files")
     args = ap.parse_args()
@@ -343,6 +346,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.model == "smollm2":
         use_smollm2()
+    global NO_SEARCH
+    NO_SEARCH = args.no_search
     # one folder per model: a process deletes its seed's runs when done, and names repeat across models
     args.workdir = args.workdir or str(RESULTS.parent / "runs" / ("bench-width" + SMOLLM2["suffix"].replace(
         "_", "-") if args.model == "smollm2" else "bench-width"))
@@ -356,7 +361,8 @@ def main() -> None:
                     shutil.rmtree(d) if d.is_dir() else d.unlink()
     if args.timing:
         time_rows(args.repeats)
-        write_json(STEP, {**step_cost(), **machine()})
+        if args.model == "minilm":  # a SmolLM2 step costs minutes on one core: not measured
+            write_json(STEP, {**step_cost(), **machine()})
     summarise()
 
 
