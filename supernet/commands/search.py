@@ -80,8 +80,8 @@ def print_front(out: dict) -> None:
     for c in ("macs", "params"):
         if c in table:
             table[c] = table[c].map("{:.4g}".format)
-    print(f"Pareto front ({len(front)} of {out['evaluations']} evaluated; accuracy on "
-          f"{out['eval_examples']} validation examples, val_/test_ on the whole splits):", file=sys.stderr)
+    print(f"Pareto front ({len(front)} of {out['evaluations']} evaluated; accuracy on {out['eval_examples']} "
+          "validation examples, val_/test_ on the whole splits or --final-samples):", file=sys.stderr)
     print(table.to_string(index=False), file=sys.stderr)
     noise = {c: 50 * (front[f"{c}_high"] - front[f"{c}_low"]).mean() for c in ("accuracy", "val_accuracy")
              if f"{c}_high" in front.columns}
