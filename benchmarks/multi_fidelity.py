@@ -43,7 +43,8 @@ def one(seed: int, algorithm: str) -> dict:
     name = f"mf-{algorithm}-s{seed}"
     d = RUN / "search" / name
     start = time.perf_counter()
-    if not (d / "pareto.csv").is_file():
+    finished = (d / "pareto.csv").is_file() and "val_accuracy" in pd.read_csv(d / "pareto.csv").columns
+    if not finished:  # a search stopped before its confirmation ended resumes (its history is kept)
         settings = SearchSettings(objectives=("acc", "macs"), algorithm=algorithm, population=POPULATION,
                                   evaluations=EVALUATIONS, seed=seed)
         run_search_command(RUN, settings, name, resume=(d / "search.json").is_file(), eval_samples=SAMPLES)
