@@ -28,7 +28,7 @@ import pandas as pd
 from supernet import files, runfiles, validate
 from supernet.commands.search import proxy_batch
 from supernet.errors import SupernetError
-from supernet.fidelity import PROXIES, accuracy_interval, pick_configs, rank_agreement
+from supernet.fidelity import PROXIES, accuracy_interval, pick_configs, proxies, rank_agreement
 
 FIDELITY_DIR = "fidelity"
 SETTINGS_FILE = "configs.json"
@@ -92,7 +92,7 @@ def fidelity_command(run_dir: str | Path, n: int = 10, seed: int = 0, eval_sampl
             row = {"index": i, "label": label, "config": json.dumps(config, sort_keys=True),
                    "macs": setup.net.macs(config, cfg.max_length)}
             row |= _scored("supernet", evaluator(config), evaluator.examples)
-            row |= {f"proxy_{k}": v for k, v in _proxies(setup.net, batch, config).items()}
+            row |= {f"proxy_{k}": v for k, v in proxies(setup.net, batch, config).items()}
             standalone = _train_standalone(cfg, config, out / "standalone", i)
             alone, _ = load_run(standalone)
             ev = Evaluator(alone.net, alone.enc, "validation", eval_samples, batch_size, device, cfg.max_length)
@@ -121,12 +121,6 @@ def _scored(prefix: str, res: dict, n: int) -> dict:
     low, high = accuracy_interval(res["accuracy"], n)
     return {f"{prefix}_accuracy": res["accuracy"], f"{prefix}_low": low, f"{prefix}_high": high,
             f"{prefix}_loss": res["loss"], f"{prefix}_examples": n}
-
-
-def _proxies(net, batch, config) -> dict:
-    from supernet.fidelity import proxies
-
-    return proxies(net, batch, config)
 
 
 def _train_standalone(cfg, config: dict, root: Path, i: int) -> Path:
