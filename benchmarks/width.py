@@ -112,7 +112,8 @@ def search(d: Path, seed: int, evaluations: int, samples: int) -> pd.DataFrame:
 
     name = f"nsga2-acc-macs-e{evaluations}"
     front = d / "search" / name / "pareto.csv"
-    if not front.exists():
+    finished = front.is_file() and "val_accuracy" in pd.read_csv(front).columns
+    if not finished:  # a search stopped during its front's confirmation resumes (its history is kept)
         settings = SearchSettings(objectives=("acc", "macs"), algorithm="nsga2", population=16,
                                   evaluations=evaluations, seed=seed)
         run_search_command(d, settings, name, resume=(d / "search" / name / "search.json").exists(),
