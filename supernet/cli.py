@@ -53,6 +53,8 @@ TRAIN_FLAGS: list[tuple[str, dict]] = [
     ("ranks", {"help": "rank choices, e.g. 32,24,16"}),
     ("alpha", {"type": float, "help": "LoRA alpha [32]"}),
     ("adapter", {"help": "adapter kind, one of the registry supernet.adapters.ADAPTER_KINDS [lora]"}),
+    ("outer-rank", {"type": int, "help": "--adapter nora: rank of the frozen outer pair from the activation-aware "
+                                         "SVD; --ranks are then the inner ranks [64]"}),
     ("scaling", {"choices": list(SCALINGS), "help": "alpha/r_max, alpha/r or alpha/sqrt(r) [lora]"}),
     ("scalings", {"help": "search the scaling mode too: two or more of fixed,lora,rora, sampled each step with "
                           "the ranks (the first is max's)"}),

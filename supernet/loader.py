@@ -44,6 +44,7 @@ SAMPLERS = ("uniform", "sandwich")
 # and runs got stuck at the majority class (results/stuck.md: before and after over 5 seeds).
 HEAD_PATTERNS = ["classifier", "score", "pooler"]
 MASKS_FINGERPRINT = "masks_sha256"  # under "bases" in config.json: which mask file belongs to the run
+FROZEN_FILE = "adapter_frozen.safetensors"  # an adapter kind's calibrated frozen state (NoRA's outer pairs)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class TrainConfig:
     widths: list[float] = field(default_factory=list)  # FFN neuron fractions searched (elastic width)
     heads: list[float] = field(default_factory=list)  # attention-head fractions searched
     width_groups: str = "block"  # block | global: one width and heads choice per block, or one for the model
+    outer_rank: int | None = None  # --adapter nora: rank of the frozen outer pair (None: 64)
     calibration_samples: int = 128
     calibration_order: str = "dense"  # Wanda: dense (one pass) | sequential (block by block, pruned inputs)
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32
@@ -156,7 +158,7 @@ class TrainConfig:
         merges.check_options(self.adapter_merge, comp.bits is not None, comp.prunes, self.dropout)
         SuperNetConfig(["any"], self.ranks, self.alpha, self.scaling, self.dropout, "block", [], self.adapter_merge,
                        self.adapter, self.scalings, self.scaling_per, self.widths, self.heads,
-                       self.width_groups)  # the adapter's and the width's options, checked now
+                       self.width_groups, outer_rank=self.outer_rank)  # the adapter's and the width's options, checked now
         # a local model folder or data file is kept as an absolute path, so that the run can
         # be evaluated, searched and exported from any working directory
         for name in ("model", "dataset"):
@@ -238,6 +240,7 @@ class Setup:
     supernet_config: SuperNetConfig
     masks: dict | None = None  # the frozen bases' pruning masks (saved with the run)
     width_order: dict | None = None  # the importance order of neurons and heads (elastic width)
+    frozen: dict | None = None  # an adapter kind's calibrated frozen state (NoRA's outer pairs)
 
     def save_masks(self, run_dir: Path) -> None:
         """What the frozen base needs besides the model: masks and the width order."""
@@ -247,6 +250,8 @@ class Setup:
             from supernet.width_order import ORDER_FILE, save_order
 
             save_order(Path(run_dir) / ORDER_FILE, self.width_order)
+        if self.frozen is not None:
+            runio.save_tensors(Path(run_dir) / FROZEN_FILE, self.frozen)
 
 
 def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None = None,
@@ -284,6 +289,7 @@ def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None 
         widths=list(cfg.widths),
         heads=list(cfg.heads),
         width_groups=cfg.width_groups,
+        outer_rank=cfg.outer_rank,
     )
     enc = encode(data, tokenizer, task, cfg.max_length)
     order = None
@@ -305,7 +311,33 @@ def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None 
             masks = compute_masks(model, targets, comp, batches, progress=progress, device=device)
         bases = make_bases(targets, masks, comp, cfg.adapter_merge)
     net = SuperNetwork(model, sn_cfg, bases)
-    return Setup(cfg, task, net, tokenizer, enc, data.label_names, sn_cfg, masks, order)
+    frozen = calibrate_adapters(net, lambda: calibration_batches(enc, cfg.calibration_samples, cfg.seed),
+                                run_dir, progress)
+    return Setup(cfg, task, net, tokenizer, enc, data.label_names, sn_cfg, masks, order, frozen)
+
+
+def calibrate_adapters(net: SuperNetwork, batches, run_dir: str | Path | None,
+                       progress: bool = False) -> dict[str, torch.Tensor] | None:
+    """The frozen state of an adapter kind that calibrates (NoRA's outer pairs): computed from the
+    calibration batches for a new run, read from the run's :data:`FROZEN_FILE` for a recorded one
+    (calibration depends on floating-point reduction order, as the masks do). None for other kinds."""
+    needed = {n: a for n, a in net.adapters.items() if a.calibration}
+    if not needed:
+        return None
+    if run_dir is not None:
+        path = Path(run_dir) / FROZEN_FILE
+        if not path.is_file():
+            raise SupernetError(f"{path} is missing: the run's {net.config.adapter} adapters cannot be rebuilt "
+                                "without it")
+        net.load_frozen_state(runio.load_tensors(path))
+    else:
+        from supernet.compress.calibration import layer_statistics
+
+        wanted = sorted({s for a in needed.values() for s in a.calibration})
+        stats = layer_statistics(net.model, needed, batches(), wanted, progress=progress)
+        for n, adapter in needed.items():
+            adapter.calibrate(stats[n])
+    return net.frozen_state_dict()
 
 
 def run_record(setup: Setup) -> dict:

@@ -63,6 +63,7 @@ class SuperNetConfig:
             empty: the base keeps its width.
         heads: fractions of each block's attention heads searched; empty: every head.
         width_groups: ``block`` (a width and a heads choice per block) or ``global`` (one each).
+        outer_rank: the ``nora`` kind's outer rank (None: its default, 64); no other kind takes one.
     """
 
     target_modules: list[str]
@@ -79,6 +80,7 @@ class SuperNetConfig:
     widths: list[float] = field(default_factory=list)
     heads: list[float] = field(default_factory=list)
     width_groups: str = "block"
+    outer_rank: int | None = None
 
     def __post_init__(self) -> None:
         if not self.target_modules:
@@ -118,6 +120,15 @@ class SuperNetConfig:
             raise SupernetError(f"unknown --width-groups {self.width_groups!r}; use block or global")
         if self.adapter not in ADAPTER_KINDS:
             adapter_kind(self.adapter)  # the one clear error
+        if self.outer_rank is not None:
+            if self.adapter != "nora":
+                raise SupernetError(f"--outer-rank applies to --adapter nora only, not {self.adapter!r}")
+            if isinstance(self.outer_rank, bool) or not isinstance(self.outer_rank, (int, np.integer)) \
+                    or self.outer_rank <= 0:
+                raise SupernetError(f"--outer-rank must be a positive whole number, got {self.outer_rank!r}")
+            if self.ranks and max(self.ranks) > self.outer_rank:
+                raise SupernetError(f"the largest rank {max(self.ranks)} exceeds --outer-rank {self.outer_rank}; "
+                                    f"choose ranks of at most {self.outer_rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise SupernetError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.merge not in MERGES:
@@ -297,6 +308,23 @@ class SuperNetwork(CostsMixin):
                         f"adapter weight {n!r} has shape {tuple(t.shape)}, expected {tuple(own[n].shape)}"
                     )
                 own[n].copy_(t)
+
+    def frozen_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every adapter's calibrated frozen state (:meth:`ElasticAdapter.frozen_state`), by module.buffer name."""
+        return {f"{n}.{k}": t.detach() for n, a in self.adapters.items() for k, t in a.frozen_state().items()}
+
+    def load_frozen_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        own = self.frozen_state_dict()
+        if set(state) != set(own):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            detail = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+            raise SupernetError(f"the adapters' frozen state does not fit this super-network ({detail})")
+        with torch.no_grad():
+            for key, t in state.items():
+                if own[key].shape != t.shape:
+                    raise SupernetError(f"frozen adapter state {key!r} has shape {tuple(t.shape)}, expected "
+                                        f"{tuple(own[key].shape)}")
+                own[key].copy_(t)
 
     def describe(self) -> dict:
         """A JSON summary: groups, their modules, and the size of the space."""

@@ -16,7 +16,10 @@ A kind says, through this class only:
 - how it forms its update: :meth:`ElasticAdapter.delta_weight`;
 - how it folds into a PEFT LoRA adapter, or that it cannot: :meth:`ElasticAdapter.lora_factors`;
 - its costs: :meth:`ElasticAdapter.adapter_params` and :meth:`ElasticAdapter.adapter_macs_per_token`;
-- its state: its ``nn.Parameter`` objects (trained, saved and loaded by name).
+- its state: its ``nn.Parameter`` objects (trained, saved and loaded by name), and its own
+  persistent buffers, frozen state a kind computes once from calibration statistics
+  (:attr:`ElasticAdapter.calibration`, :meth:`ElasticAdapter.calibrate`) and that is saved with
+  the run so that a rebuild never calibrates again.
 
 The network, trainer, evaluator, search and every export talk to kinds through it; a new kind
 is one file that subclasses it and calls :func:`supernet.adapters.register_adapter_kind`.
@@ -71,6 +74,9 @@ class ElasticAdapter(nn.Module):
 
     #: the kind's name in the registry (``supernet train --adapter NAME``)
     kind = ""
+    #: the calibration statistics the kind needs before training
+    #: (:data:`supernet.compress.calibration.STATISTICS`); none for most kinds
+    calibration: tuple[str, ...] = ()
 
     def __init__(self, base: nn.Module, merge: str = "plain", dropout: float = 0.0) -> None:
         super().__init__()
@@ -111,6 +117,16 @@ class ElasticAdapter(nn.Module):
     def adapter_macs_per_token(self, choice: Choice | None = None) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def calibrate(self, stats: Any) -> None:
+        """Compute the kind's frozen state (its persistent buffers) from this layer's
+        :class:`~supernet.compress.calibration.LayerStats`; called once, before training, for a kind
+        whose :attr:`calibration` is not empty."""
+        raise NotImplementedError  # pragma: no cover - a kind that asks for statistics defines it
+
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        """The kind's own persistent buffers (not the base's): what :meth:`calibrate` computed."""
+        return {n: b for n, b in self._buffers.items() if b is not None and n not in self._non_persistent_buffers_set}
+
     def lora_factors(self) -> LoraFactors:
         """This adapter as PEFT LoRA factors at the active choice; a kind that cannot says so."""
         raise SupernetError(f"adapters of kind {self.kind or type(self).__name__!r} cannot be written as a PEFT "
@@ -136,6 +152,8 @@ class ElasticAdapter(nn.Module):
             for name, p in self._parameters.items():
                 value = self.cut_param(name, p.detach(), keep_in, keep_out).clone()
                 new._parameters[name] = nn.Parameter(value, requires_grad=p.requires_grad)
+            for name in self.frozen_state():  # frozen state with a layer's shape is cut the same way
+                new._buffers[name] = self.cut_param(name, self._buffers[name], keep_in, keep_out).clone()
         return new
 
     @property
@@ -219,8 +237,9 @@ class ElasticAdapter(nn.Module):
             return self.base.nbytes()
         if merged:
             return self.base.dense_nbytes()
-        return self.base.nbytes() + self.adapter_params(choice) * 4
+        return self.base.nbytes() + self.shipped_params(choice) * 4
 
     def shipped_params(self, choice: Choice | None = None) -> int:
-        """Adapter parameters that ship beside the base: none when the update is folded into it."""
+        """Adapter parameters that ship beside the base: none when the update is folded into it;
+        else the trained ones (a kind that ships another form, e.g. folded factors, says so)."""
         return 0 if self.through_base else self.adapter_params(choice)
