@@ -31,7 +31,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-
 #: What :func:`layer_statistics` can gather: squared input norms, input covariance, output-gradient covariance.
 STATISTICS = ("input_sq_norms", "input_cov", "grad_cov")
 

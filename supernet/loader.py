@@ -158,7 +158,7 @@ class TrainConfig:
         merges.check_options(self.adapter_merge, comp.bits is not None, comp.prunes, self.dropout)
         SuperNetConfig(["any"], self.ranks, self.alpha, self.scaling, self.dropout, "block", [], self.adapter_merge,
                        self.adapter, self.scalings, self.scaling_per, self.widths, self.heads,
-                       self.width_groups, outer_rank=self.outer_rank)  # the adapter's and the width's options, checked now
+                       self.width_groups, outer_rank=self.outer_rank)  # the adapter's and width's options, now
         # a local model folder or data file is kept as an absolute path, so that the run can
         # be evaluated, searched and exported from any working directory
         for name in ("model", "dataset"):

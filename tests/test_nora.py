@@ -78,7 +78,7 @@ def test_layer_statistics_equal_the_explicit_sums():
     for b in _batches():  # the reference: inputs kept, output gradients by autograd.grad
         outs = {}
 
-        def keep(m, i, o, n, b=b):
+        def keep(m, i, o, n, b=b, outs=outs):
             xs[n].append((i[0].detach(), b["attention_mask"]))
             outs[n] = o
 

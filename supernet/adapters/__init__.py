@@ -38,5 +38,5 @@ def adapter_kind(name: str) -> type[ElasticAdapter]:
 register_adapter_kind(ElasticLoRA)
 register_adapter_kind(ElasticNoRA)
 
-__all__ = ["ADAPTER_KINDS", "MERGES", "SCALINGS", "ElasticAdapter", "ElasticLoRA", "ElasticNoRA", "LoraFactors", "adapter_kind",
-           "lora_scale", "register_adapter_kind"]
+__all__ = ["ADAPTER_KINDS", "MERGES", "SCALINGS", "ElasticAdapter", "ElasticLoRA", "ElasticNoRA", "LoraFactors",
+           "adapter_kind", "lora_scale", "register_adapter_kind"]
