@@ -21,7 +21,7 @@ with the cost callable.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -67,33 +67,54 @@ def allocator_evaluations(space: SearchSpace, result: Config) -> int:
 def greedy_allocation(
     space: SearchSpace, gains: Mapping[str, list[float]], cost: Callable[[Config], float], limit: float,
 ) -> tuple[Config, list[Step]]:
-    """Greedy fill of ``limit`` from the minimum config.
+    """Greedy fill of ``limit`` from the minimum config of ``space`` (:func:`greedy_fill` on its ladders).
 
     Args:
         gains: per group, the gain of each step up its ladder (``len(choices) - 1`` values).
         cost: the budgeted cost of a configuration.
         limit: the budget; ``cost(result) <= limit`` always holds.
     """
-    ladder = ladders(space)
-    config = space.min_config()
+    return greedy_fill(ladders(space), gains, cost, limit)
+
+
+def greedy_fill(
+    ladders: Mapping[str, Sequence], gains: Mapping[str, Sequence[float]], cost: Callable[[dict], float],
+    limit: float,
+) -> tuple[dict, list[Step]]:
+    """The one greedy of marginal gain per unit of cost, whatever provides the gains and the cost.
+
+    From every key at the first rung of its ladder, repeatedly take, among the keys' next steps
+    with a positive gain that keep ``cost`` within ``limit``, the one with the largest gain per
+    unit of cost (its cost is ``cost``'s increase at the current configuration; ties go to the
+    earlier key). A key whose next step has no positive gain stops growing. The search's rank
+    allocator (gains: measured loss decreases) and JACTUS' global rank allocation (gains: the
+    output energy each component captures, :mod:`supernet.adapters.jactus`) both call it.
+
+    Args:
+        ladders: per key, its rungs from the smallest to the largest.
+        gains: per key, the gain of each step up its ladder (``len(ladder) - 1`` values).
+        cost: the budgeted cost of a ``{key: rung}`` configuration.
+        limit: the budget; ``cost(result) <= limit`` always holds.
+    """
+    config = {k: ladder[0] for k, ladder in ladders.items()}
     if cost(config) > limit:
         raise SupernetError(f"the budget {limit:g} is below the minimum configuration's cost {cost(config):g}")
-    position = dict.fromkeys(ladder, 0)
+    position = dict.fromkeys(ladders, 0)
     steps: list[Step] = []
     while True:
         best: Step | None = None
         current = cost(config)
         for g, k in position.items():
-            if k + 1 >= len(ladder[g]) or gains[g][k] <= 0:
+            if k + 1 >= len(ladders[g]) or gains[g][k] <= 0:
                 continue
-            candidate = {**config, g: ladder[g][k + 1]}
+            candidate = {**config, g: ladders[g][k + 1]}
             total = cost(candidate)
             if total > limit:
                 continue
             delta = total - current
             ratio = float("inf") if delta <= 0 else gains[g][k] / delta
             if best is None or ratio > best.ratio:
-                best = Step(g, config[g], ladder[g][k + 1], gains[g][k], delta, ratio)
+                best = Step(g, config[g], ladders[g][k + 1], gains[g][k], delta, ratio)
         if best is None:
             return config, steps
         config = {**config, best.group: best.after}

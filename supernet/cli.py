@@ -55,6 +55,13 @@ TRAIN_FLAGS: list[tuple[str, dict]] = [
     ("adapter", {"help": "adapter kind, one of the registry supernet.adapters.ADAPTER_KINDS [lora]"}),
     ("outer-rank", {"type": int, "help": "--adapter nora: rank of the frozen outer pair from the activation-aware "
                                          "SVD; --ranks are then the inner ranks [64]"}),
+    ("union", {"help": "--adapter jactus: the parts of each layer's union of subspaces, W and any of x (input "
+                       "covariance), g (output-gradient covariance) [W,x,g]"}),
+    ("thresholds", {"help": "--adapter jactus: energy thresholds of W, x and g, e.g. 0.95,0.9,0.9 [0.95,0.9,0.9]"}),
+    ("budget", {"help": "--adapter jactus: params=F, the share of the adapted layers' weight numbers kept; ranks "
+                        "are allocated across layers by marginal gain per parameter [params=0.8]"}),
+    ("core-fractions", {"help": "--adapter jactus: fractions of each layer's allocated core rank searched, "
+                                "e.g. 1.0,0.75,0.5 [1.0]"}),
     ("scaling", {"choices": list(SCALINGS), "help": "alpha/r_max, alpha/r or alpha/sqrt(r) [lora]"}),
     ("scalings", {"help": "search the scaling mode too: two or more of fixed,lora,rora, sampled each step with "
                           "the ranks (the first is max's)"}),

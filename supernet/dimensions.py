@@ -103,6 +103,12 @@ class HeadsKind(FractionKind):
     name, what = "heads", "heads"
 
 
+class CoreKind(FractionKind):
+    """The fraction of a JACTUS layer's allocated core rank kept (a prefix of its components)."""
+
+    name, what = "core", "core"
+
+
 DIMENSION_KINDS: dict[str, DimensionKind] = {}
 #: The kind of a dimension a space file names without one (every space written before kinds existed).
 DEFAULT_KIND = "rank"
@@ -121,6 +127,7 @@ register_dimension_kind(RankKind())
 register_dimension_kind(ScalingKind())
 register_dimension_kind(WidthKind())
 register_dimension_kind(HeadsKind())
+register_dimension_kind(CoreKind())
 
 
 def dimension_kind(name: str) -> DimensionKind:

@@ -18,6 +18,7 @@ from transformers import set_seed
 
 from supernet import merges, validate
 from supernet import runfiles as runio
+from supernet.adapters.calibrate import FROZEN_FILE, calibrate_adapters  # noqa: F401 (FROZEN_FILE: re-exported)
 from supernet.compressed_base import (
     LEGACY_ORDER,
     MASKS,
@@ -44,7 +45,6 @@ SAMPLERS = ("uniform", "sandwich")
 # and runs got stuck at the majority class (results/stuck.md: before and after over 5 seeds).
 HEAD_PATTERNS = ["classifier", "score", "pooler"]
 MASKS_FINGERPRINT = "masks_sha256"  # under "bases" in config.json: which mask file belongs to the run
-FROZEN_FILE = "adapter_frozen.safetensors"  # an adapter kind's calibrated frozen state (NoRA's outer pairs)
 
 
 @dataclass
@@ -99,6 +99,10 @@ class TrainConfig:
     heads: list[float] = field(default_factory=list)  # attention-head fractions searched
     width_groups: str = "block"  # block | global: one width and heads choice per block, or one for the model
     outer_rank: int | None = None  # --adapter nora: rank of the frozen outer pair (None: 64)
+    union: list[str] | None = None  # --adapter jactus: parts of each union of subspaces (None: W,x,g)
+    thresholds: list[float] | None = None  # --adapter jactus: energy thresholds of W, x, g (None: 0.95,0.9,0.9)
+    core_fractions: list[float] | None = None  # --adapter jactus: core fractions searched (None: 1.0)
+    budget: str | None = None  # --adapter jactus: params=F, the share of the adapted weights kept (None: 0.8)
     calibration_samples: int = 128
     calibration_order: str = "dense"  # Wanda: dense (one pass) | sequential (block by block, pruned inputs)
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32
@@ -156,9 +160,14 @@ class TrainConfig:
             validate.text_option(flag_name(name), getattr(self, name))
         comp = self.compression()  # ranges, the pattern, bits
         merges.check_options(self.adapter_merge, comp.bits is not None, comp.prunes, self.dropout)
+        if self.adapter == "jactus" and (comp.active or self.adapter_merge != "plain"):
+            raise SupernetError("--adapter jactus replaces the frozen weight by its own factors: it takes a dense "
+                                "base and --adapter-merge plain (no --sparsity, --bits)")
         SuperNetConfig(["any"], self.ranks, self.alpha, self.scaling, self.dropout, "block", [], self.adapter_merge,
                        self.adapter, self.scalings, self.scaling_per, self.widths, self.heads,
-                       self.width_groups, outer_rank=self.outer_rank)  # the adapter's and width's options, now
+                       self.width_groups, outer_rank=self.outer_rank, union=self.union, thresholds=self.thresholds,
+                       core_fractions=self.core_fractions,
+                       retain=validate.budget_share(self.budget))  # the adapter's and width's options, now
         # a local model folder or data file is kept as an absolute path, so that the run can
         # be evaluated, searched and exported from any working directory
         for name in ("model", "dataset"):
@@ -290,6 +299,10 @@ def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None 
         heads=list(cfg.heads),
         width_groups=cfg.width_groups,
         outer_rank=cfg.outer_rank,
+        union=cfg.union,
+        thresholds=cfg.thresholds,
+        core_fractions=cfg.core_fractions,
+        retain=validate.budget_share(cfg.budget),
     )
     enc = encode(data, tokenizer, task, cfg.max_length)
     order = None
@@ -314,30 +327,6 @@ def build(cfg: TrainConfig, seed: int | None = None, run_dir: str | Path | None 
     frozen = calibrate_adapters(net, lambda: calibration_batches(enc, cfg.calibration_samples, cfg.seed),
                                 run_dir, progress)
     return Setup(cfg, task, net, tokenizer, enc, data.label_names, sn_cfg, masks, order, frozen)
-
-
-def calibrate_adapters(net: SuperNetwork, batches, run_dir: str | Path | None,
-                       progress: bool = False) -> dict[str, torch.Tensor] | None:
-    """The frozen state of an adapter kind that calibrates (NoRA's outer pairs): computed from the
-    calibration batches for a new run, read from the run's :data:`FROZEN_FILE` for a recorded one
-    (calibration depends on floating-point reduction order, as the masks do). None for other kinds."""
-    needed = {n: a for n, a in net.adapters.items() if a.calibration}
-    if not needed:
-        return None
-    if run_dir is not None:
-        path = Path(run_dir) / FROZEN_FILE
-        if not path.is_file():
-            raise SupernetError(f"{path} is missing: the run's {net.config.adapter} adapters cannot be rebuilt "
-                                "without it")
-        net.load_frozen_state(runio.load_tensors(path))
-    else:
-        from supernet.compress.calibration import layer_statistics
-
-        wanted = sorted({s for a in needed.values() for s in a.calibration})
-        stats = layer_statistics(net.model, needed, batches(), wanted, progress=progress)
-        for n, adapter in needed.items():
-            adapter.calibrate(stats[n])
-    return net.frozen_state_dict()
 
 
 def run_record(setup: Setup) -> dict:

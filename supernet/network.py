@@ -64,6 +64,10 @@ class SuperNetConfig:
         heads: fractions of each block's attention heads searched; empty: every head.
         width_groups: ``block`` (a width and a heads choice per block) or ``global`` (one each).
         outer_rank: the ``nora`` kind's outer rank (None: its default, 64); no other kind takes one.
+        union, thresholds, core_fractions, retain: the ``jactus`` kind's settings (None: its
+            defaults, ``W,x,g``, ``0.95,0.9,0.9``, ``1.0`` and 0.8): the parts of each layer's union
+            of subspaces, the energy thresholds of ``W``, ``x`` and ``g``, the core fractions
+            searched, and the share of the adapted layers' weight numbers kept (``--budget params=F``).
     """
 
     target_modules: list[str]
@@ -81,6 +85,10 @@ class SuperNetConfig:
     heads: list[float] = field(default_factory=list)
     width_groups: str = "block"
     outer_rank: int | None = None
+    union: list[str] | None = None
+    thresholds: list[float] | None = None
+    core_fractions: list[float] | None = None
+    retain: float | None = None
 
     def __post_init__(self) -> None:
         if not self.target_modules:
@@ -120,6 +128,7 @@ class SuperNetConfig:
             raise SupernetError(f"unknown --width-groups {self.width_groups!r}; use block or global")
         if self.adapter not in ADAPTER_KINDS:
             adapter_kind(self.adapter)  # the one clear error
+        self._check_jactus()
         if self.outer_rank is not None:
             if self.adapter != "nora":
                 raise SupernetError(f"--outer-rank applies to --adapter nora only, not {self.adapter!r}")
@@ -137,6 +146,36 @@ class SuperNetConfig:
             raise SupernetError(f"unknown grouping {self.groups!r}; use {', '.join(GROUPINGS)} or a JSON file")
         if isinstance(self.groups, Mapping):
             self.groups = validate.groups_mapping("groups", dict(self.groups))
+
+    def _check_jactus(self) -> None:
+        """The ``jactus`` settings: refused for another kind, validated and defaulted for it."""
+        given = {"--union": self.union, "--thresholds": self.thresholds, "--core-fractions": self.core_fractions,
+                 "--budget": self.retain}
+        if self.adapter != "jactus":
+            for flag, value in given.items():
+                if value is not None:
+                    raise SupernetError(f"{flag} applies to --adapter jactus only, not {self.adapter!r}")
+            return
+        from supernet.compress.subspace import UNION_PARTS
+
+        union = list(self.union) if self.union is not None else list(UNION_PARTS)
+        bad = [p for p in union if p not in UNION_PARTS]
+        if bad or "W" not in union:
+            raise SupernetError(f"--union takes W and any of x, g (e.g. W,x,g), got {','.join(map(str, union))}")
+        self.union = [p for p in UNION_PARTS if p in union]
+        thresholds = list(self.thresholds) if self.thresholds is not None else [0.95, 0.9, 0.9]
+        if len(thresholds) != 3 or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1
+                                       for t in thresholds):
+            raise SupernetError(f"--thresholds takes three energy fractions in (0, 1] for W, x and g, got {thresholds}")
+        self.thresholds = [float(t) for t in thresholds]
+        try:
+            self.core_fractions = dimension_kind("core").order(self.core_fractions or [1.0])
+        except SupernetError as e:
+            raise SupernetError(f"--core-fractions: {e}") from None
+        retain = 0.8 if self.retain is None else self.retain
+        if isinstance(retain, bool) or not isinstance(retain, (int, float)) or not 0 < retain <= 1:
+            raise SupernetError(f"--budget params=F takes a share F in (0, 1] of the weights kept, got {retain!r}")
+        self.retain = float(retain)
 
     @property
     def global_kinds(self) -> set[str]:
@@ -319,12 +358,11 @@ class SuperNetwork(CostsMixin):
             missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
             detail = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
             raise SupernetError(f"the adapters' frozen state does not fit this super-network ({detail})")
-        with torch.no_grad():
-            for key, t in state.items():
-                if own[key].shape != t.shape:
-                    raise SupernetError(f"frozen adapter state {key!r} has shape {tuple(t.shape)}, expected "
-                                        f"{tuple(own[key].shape)}")
-                own[key].copy_(t)
+        for n, adapter in self.adapters.items():
+            mine = {k.rpartition(".")[2]: t for k, t in state.items() if k.rpartition(".")[0] == n}
+            if mine:
+                adapter.load_frozen(mine)
+        self._costs.clear()
 
     def describe(self) -> dict:
         """A JSON summary: groups, their modules, and the size of the space."""

@@ -251,3 +251,17 @@ def parse_number_list(text: str, what: str, kind: type = int) -> list:
     except ValueError:
         noun = "integers" if kind is int else "numbers"
         raise SupernetError(f"{what} must be comma-separated {noun}, got {text!r}") from None
+
+
+def budget_share(budget: str | None) -> float | None:
+    """``--budget params=F`` of a JACTUS run as the share ``F`` (None when not given)."""
+    if budget is None:
+        return None
+    key, sep, value = str(budget).partition("=")
+    try:
+        share = float(value)
+    except ValueError:
+        share = None
+    if key.strip() != "params" or not sep or share is None:
+        raise SupernetError(f"--budget takes params=F (the share of the adapted layers' weights kept), got {budget!r}")
+    return share

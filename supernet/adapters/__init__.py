@@ -2,7 +2,8 @@
 
 ``supernet train --adapter NAME`` picks a kind from :data:`ADAPTER_KINDS`. Each kind is a
 subclass of :class:`ElasticAdapter` (``base.py`` documents the interface); ``lora.py`` is the
-elastic-rank LoRA of Shears, ``nora.py`` nested LoRA from an activation-aware SVD (NoRA). A new
+elastic-rank LoRA of Shears, ``nora.py`` nested LoRA from an activation-aware SVD (NoRA),
+``jactus.py`` a task-aware union of subspaces with a trainable core (JACTUS). A new
 kind is a class registered with :func:`register_adapter_kind`, from any module: the library
 needs no edit.
 """
@@ -10,6 +11,7 @@ needs no edit.
 from __future__ import annotations
 
 from supernet.adapters.base import ElasticAdapter, LoraFactors
+from supernet.adapters.jactus import ElasticJactus
 from supernet.adapters.lora import ElasticLoRA, lora_scale
 from supernet.adapters.nora import ElasticNoRA
 from supernet.dimensions import SCALINGS
@@ -37,6 +39,7 @@ def adapter_kind(name: str) -> type[ElasticAdapter]:
 
 register_adapter_kind(ElasticLoRA)
 register_adapter_kind(ElasticNoRA)
+register_adapter_kind(ElasticJactus)
 
-__all__ = ["ADAPTER_KINDS", "MERGES", "SCALINGS", "ElasticAdapter", "ElasticLoRA", "ElasticNoRA", "LoraFactors",
-           "adapter_kind", "lora_scale", "register_adapter_kind"]
+__all__ = ["ADAPTER_KINDS", "MERGES", "SCALINGS", "ElasticAdapter", "ElasticJactus", "ElasticLoRA", "ElasticNoRA",
+           "LoraFactors", "adapter_kind", "lora_scale", "register_adapter_kind"]

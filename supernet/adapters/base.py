@@ -123,6 +123,25 @@ class ElasticAdapter(nn.Module):
         whose :attr:`calibration` is not empty."""
         raise NotImplementedError  # pragma: no cover - a kind that asks for statistics defines it
 
+    @classmethod
+    def check_calibration(cls, adapters: Mapping[str, ElasticAdapter], options: Any) -> None:
+        """Before the calibration pass: refuse settings that cannot work, while nothing has run yet."""
+
+    @classmethod
+    def finish_calibration(cls, adapters: Mapping[str, ElasticAdapter], options: Any) -> None:
+        """After every adapter of the kind has calibrated: a kind-wide step (JACTUS allocates its
+        ranks across all layers here). Nothing by default."""
+
+    def load_frozen(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Set the frozen state from a saved copy (same names and shapes as :meth:`frozen_state`)."""
+        own = self.frozen_state()
+        with torch.no_grad():
+            for key, t in state.items():
+                if own[key].shape != t.shape:
+                    raise SupernetError(f"frozen adapter state {key!r} has shape {tuple(t.shape)}, expected "
+                                        f"{tuple(own[key].shape)}")
+                own[key].copy_(t)
+
     def frozen_state(self) -> dict[str, torch.Tensor]:
         """The kind's own persistent buffers (not the base's): what :meth:`calibrate` computed."""
         return {n: b for n, b in self._buffers.items() if b is not None and n not in self._non_persistent_buffers_set}

@@ -1,0 +1,199 @@
+"""JACTUS: the task-aware union of subspaces, the core, the global rank allocation, the kind end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from conftest import assert_refused, cli
+from torch import nn
+
+from supernet.adapters.jactus import RANK_STEP, ElasticJactus, allocate
+from supernet.compress.calibration import LayerStats
+from supernet.compress.subspace import energy_rank, union_basis, union_factors
+from supernet.search.allocator import greedy_fill
+
+
+def _covs(out_f, in_f, seed=0, tokens=400):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, in_f, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2.0, in_f,
+                                                                                      dtype=torch.float64)
+    gr = torch.randn(tokens, out_f, generator=g, dtype=torch.float64) * torch.linspace(2.0, 0.1, out_f,
+                                                                                         dtype=torch.float64)
+    return x.T @ x / tokens, gr.T @ gr / tokens
+
+
+# ----------------------------------------------------------------------------- subspaces
+def test_energy_rank_is_the_smallest_prefix_reaching_the_threshold():
+    v = torch.tensor([1.0, 4.0, 2.0, 3.0])  # sorted: 4, 3, 2, 1 of 10
+    assert [energy_rank(v, t) for t in (0.1, 0.4, 0.41, 0.7, 0.9, 1.0)] == [1, 1, 2, 2, 3, 4]
+
+
+def test_union_bases_are_orthonormal_and_contain_every_part():
+    g = torch.Generator().manual_seed(0)
+    for _trial in range(5):
+        a = torch.linalg.qr(torch.randn(30, 6, generator=g, dtype=torch.float64))[0]
+        b = torch.randn(30, 5, generator=g, dtype=torch.float64)
+        b[:, 0] = a[:, 0] * 2 + a[:, 1]  # one direction already in the first part: not added twice
+        q = union_basis([a, b])
+        assert q.shape == (30, 10)
+        torch.testing.assert_close(q.T @ q, torch.eye(10, dtype=torch.float64))
+        for part in (a, b):  # the projection onto the union leaves each part as it is
+            torch.testing.assert_close(q @ (q.T @ part), part)
+        torch.testing.assert_close((q[:, :6] @ q[:, :6].T) @ a, a)  # the first part's span comes first
+
+
+@pytest.mark.parametrize("union", [("W",), ("W", "x"), ("W", "g"), ("W", "x", "g")])
+def test_union_factors_respect_the_parts_and_are_exact_at_full_rank(union):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(20, 30, generator=g, dtype=torch.float64)
+    cx, cg = _covs(20, 30)
+    f = union_factors(w, cx, cg, {"W": 0.6, "x": 0.6, "g": 0.6}, union)
+    assert (f.k_i > 0) == ("x" in union) and (f.k_o > 0) == ("g" in union)
+    assert f.k_left >= f.k_w and f.k_right >= f.k_w
+    assert f.k_left <= f.k_w + f.k_o and f.k_right <= f.k_w + f.k_i
+    assert (f.energy[:-1] >= f.energy[1:] - 1e-9).all()  # ordered by captured energy
+    full = union_factors(w, cx, cg, {"W": 1.0, "x": 1.0, "g": 1.0}, union)  # the union spans everything
+    torch.testing.assert_close(full.left @ torch.diag(full.energy.sqrt()) @ full.right, w)
+
+
+def test_the_core_keeps_the_most_output_energy_first():
+    """Truncating the activation-weighted core to t components loses the least E||(W - W_t) x||^2 on the inputs."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 24, generator=g, dtype=torch.float64)
+    cx, cg = _covs(16, 24, seed=3)
+    f = union_factors(w, cx, cg, {"W": 1.0, "x": 1.0, "g": 1.0})
+    for t in (2, 5, 9):
+        wt = f.left[:, :t] @ torch.diag(f.energy[:t].sqrt()) @ f.right[:t]
+        err = torch.trace((w - wt) @ cx @ (w - wt).T)
+        assert err == pytest.approx(float(f.energy[t:].sum()), rel=1e-6)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)  # the plain SVD truncation loses at least as much
+        plain = u[:, :t] * s[:t] @ vh[:t]
+        assert err <= torch.trace((w - plain) @ cx @ (w - plain).T) * (1 + 1e-9)
+
+
+# ----------------------------------------------------------------------------- the allocator
+def test_the_greedy_is_optimal_on_a_hand_built_toy_and_stays_in_budget():
+    ladders = {"a": [1, 2, 3, 4], "b": [1, 2, 3], "c": [1, 2, 3, 4]}
+    gains = {"a": [9.0, 4.0, 1.0], "b": [6.0, 5.0], "c": [3.0, 2.5, 0.5]}  # diminishing in every key
+    cost = {"a": 1.0, "b": 1.0, "c": 1.0}  # equal step costs: the greedy is optimal for concave gains
+
+    def total_cost(c):
+        return sum(cost[k] * c[k] for k in c)
+
+    def total_gain(c):
+        return sum(sum(gains[k][: ladders[k].index(c[k])]) for k in c)
+
+    for limit in range(3, 12):
+        config, steps = greedy_fill(ladders, gains, total_cost, float(limit))
+        assert total_cost(config) <= limit
+        best = max(total_gain(dict(zip(ladders, combo, strict=True)))
+                   for combo in itertools.product(*ladders.values())
+                   if total_cost(dict(zip(ladders, combo, strict=True))) <= limit)
+        assert total_gain(config) == pytest.approx(best)
+
+
+def _calibrated(shapes, seed=0):
+    adapters = {}
+    g = torch.Generator().manual_seed(seed)
+    for i, (out_f, in_f) in enumerate(shapes):
+        layer = nn.Linear(in_f, out_f)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(out_f, in_f, generator=g) * (i + 1))
+        a = ElasticJactus(layer, thresholds={"W": 0.99, "x": 0.9, "g": 0.9})
+        cx, cg = _covs(out_f, in_f, seed=seed + i)
+        a.calibrate(LayerStats(400, input_cov=cx * 400, grad_cov=cg * 400))
+        adapters[f"l{i}"] = a
+    return adapters
+
+
+@pytest.mark.parametrize("retain", [0.5, 0.7, 0.9])
+def test_jactus_allocation_never_exceeds_the_budget_and_favours_energy(retain):
+    shapes = [(48, 32), (32, 48), (40, 40)]
+    adapters = _calibrated(shapes)
+    ranks = allocate(adapters, retain)
+    kept = sum(ranks[n] * (a.in_features + a.out_features) for n, a in adapters.items())
+    assert kept <= retain * sum(o * i for o, i in shapes)
+    assert all(r >= RANK_STEP and r % RANK_STEP == 0 or r == a.core.shape[0] for r, a in
+               zip(ranks.values(), adapters.values(), strict=True))
+    assert all(a.rank == ranks[n] and a.left.shape == (a.out_features, a.rank) for n, a in adapters.items())
+    # the layer with 3x the weights' scale (l2) captures the most energy per step: it gets the largest rank
+    assert ranks["l2"] == max(ranks.values())
+
+
+def test_a_budget_below_one_step_per_layer_is_refused():
+    from supernet.errors import SupernetError
+
+    with pytest.raises(SupernetError, match="raise it"):
+        allocate(_calibrated([(48, 32), (32, 48)]), 0.1)
+
+
+# ----------------------------------------------------------------------------- the kind
+def test_the_kind_computes_its_factors_and_nests_its_fractions():
+    (a,) = _calibrated([(40, 40)]).values()
+    allocate({"l": a}, 0.9)
+    with torch.no_grad():
+        a.core.add_(torch.randn(a.rank, a.rank) * 0.3)  # trained cores are not diagonal: the test can fail
+    x = torch.randn(5, 40)
+    expected = x @ (a.left @ a.core @ a.right).T + a.base.bias
+    torch.testing.assert_close(a(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.merged_weight(), a.left @ a.core @ a.right)
+    a.fractions = [1.0, 0.5]
+    a.set_active({"core": 0.5})
+    k = round(0.5 * a.rank)
+    torch.testing.assert_close(a(x), x @ (a.left[:, :k] @ a.core[:k, :k] @ a.right[:k]).T + a.base.bias,
+                               atol=1e-5, rtol=1e-5)
+    assert a.adapter_params() == k * k and a.shipped_params() == k * 80 and a.macs_per_token() == k * 80
+    assert {n for n, p in a.named_parameters() if p.requires_grad} == {"core"}
+
+
+JACTUS = ["--adapter", "jactus", "--budget", "params=0.9", "--core-fractions", "1.0,0.5"]
+
+
+def test_jactus_trains_searches_exports_and_rebuilds(capsys, tiny_train_args, tmp_path):
+    from supernet.loader import FROZEN_FILE, load_run
+
+    code, _, err = cli(capsys, "train", *tiny_train_args, *JACTUS, "--name", "j")
+    assert code == 0, err
+    run = tmp_path / "runs" / "j"
+    record = json.loads((run / "config.json").read_text())
+    assert record["supernet"]["adapter"] == "jactus" and record["supernet"]["retain"] == 0.9
+    setup, _ = load_run(run)
+    net = setup.net
+    original = sum(a.in_features * a.out_features for a in net.adapters.values())
+    kept = sum(a.rank * (a.in_features + a.out_features) for a in net.adapters.values())
+    assert 0 < kept <= 0.9 * original
+    assert (run / FROZEN_FILE).is_file()
+    assert record["macs"]["min"] < record["macs"]["max"]  # half the core: fewer MACs
+    code, _, err = cli(capsys, "search", "--run", run, "--objectives", "acc,macs", "--population", "2",
+                       "--evaluations", "4", "--eval-samples", "16", "--name", "s")
+    assert code == 0, err
+    code, _, err = cli(capsys, "export", "--run", run, "--subnet", "min", "--format", "merged",
+                       "--out", tmp_path / "merged")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
+    assert manifest["verification"]["max_abs_diff"] <= manifest["verification"]["tolerance"]
+    code, _, err = cli(capsys, "export", "--run", run, "--subnet", "max", "--format", "peft",
+                       "--out", tmp_path / "peft")
+    assert_refused(code, err, "cannot be written as a PEFT LoRA adapter")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adapter", "jactus", "--thresholds", "0,0.9,0.9"], "--thresholds takes three energy fractions"),
+    (["--adapter", "jactus", "--thresholds", "0.9,0.9"], "--thresholds takes three energy fractions"),
+    (["--adapter", "jactus", "--budget", "params=1.5"], "--budget params=F takes a share F in (0, 1]"),
+    (["--adapter", "jactus", "--budget", "macs=0.5"], "--budget takes params=F"),
+    (["--adapter", "jactus", "--budget", "params=0.05"], "raise it"),
+    (["--adapter", "jactus", "--union", "x,g"], "--union takes W and any of x, g"),
+    (["--adapter", "jactus", "--union", "W,q"], "--union takes W and any of x, g"),
+    (["--adapter", "jactus", "--core-fractions", "1.5"], "--core-fractions"),
+    (["--adapter", "jactus", "--sparsity", "0.5"], "takes a dense base"),
+    (["--union", "W,x"], "--union applies to --adapter jactus only"),
+    (["--budget", "params=0.8"], "--budget applies to --adapter jactus only"),
+])
+def test_bad_jactus_settings_end_as_one_line(capsys, tiny_train_args, tmp_path, flags, message):
+    code, _, err = cli(capsys, "train", *tiny_train_args, *flags, "--name", "bad")
+    assert_refused(code, err, message)
+    assert not (tmp_path / "runs" / "bad").exists()
