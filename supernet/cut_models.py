@@ -8,6 +8,11 @@ stock architecture with two changes to ``config.json``:
 - ``model_type`` is ``supernet-cut-<type>`` (``supernet-cut-bert``, ``supernet-cut-llama``, ...);
 - ``cut_shapes`` holds ``{module name: [out_features, in_features]}`` of every narrowed layer.
 
+A JACTUS export (:mod:`supernet.adapters.jactus`) replaces each adapted layer by two factors:
+``factored_shapes`` holds ``{module name: [out_features, rank, in_features]}``, and the layer is a
+:class:`FactoredLinear` (``right``: ``rank x in``, no bias; ``left``: ``out x rank`` with the layer's
+bias), so the weights ``name.right.weight``, ``name.left.weight`` and ``name.left.bias`` load.
+
 ``import supernet.cut_models`` registers, for each model type of :data:`CUT_TYPES`, a config class
 and, for every auto class that maps the stock config, a model class; after it,
 ``AutoModelFor...from_pretrained(folder)`` loads such an export (no remote code). The model class
@@ -39,15 +44,39 @@ def _auto_classes() -> list:
             AutoModelForMaskedLM]
 
 
-def apply_cut_shapes(model: nn.Module, shapes: dict) -> None:
+class FactoredLinear(nn.Module):
+    """A linear layer stored as two factors: ``y = left(right(x))``, ``right`` of ``rank x in`` (no
+    bias) and ``left`` of ``out x rank`` (the layer's bias): ``rank (in + out)`` weight numbers
+    instead of ``in * out``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = int(in_features), int(out_features), int(rank)
+        self.right = nn.Linear(self.in_features, self.rank, bias=False, device=device, dtype=dtype)
+        self.left = nn.Linear(self.rank, self.out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.left(self.right(x))
+
+
+def _replace(model: nn.Module, name: str, make) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, make(old, old.bias is not None, old.weight.device, old.weight.dtype))
+
+
+def apply_cut_shapes(model: nn.Module, shapes: dict, factored: dict | None = None) -> None:
     """Replace every layer named in ``shapes`` by an ``nn.Linear`` of ``[out, in]`` (its bias kept
-    or not as the stock layer's) and set each attention module's KV group count."""
+    or not as the stock layer's), every layer named in ``factored`` by a :class:`FactoredLinear`
+    of ``[out, rank, in]``, and set each attention module's KV group count."""
     for name, (out_features, in_features) in shapes.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        setattr(parent, child, nn.Linear(int(in_features), int(out_features), bias=old.bias is not None,
-                                         device=old.weight.device, dtype=old.weight.dtype))
+        _replace(model, name, lambda old, bias, device, dtype, o=out_features, i=in_features: nn.Linear(
+            int(i), int(o), bias=bias, device=device, dtype=dtype))
+    for name, (out_features, rank, in_features) in (factored or {}).items():
+        _replace(model, name, lambda old, bias, device, dtype, o=out_features, r=rank, i=in_features: FactoredLinear(
+            int(i), int(o), int(r), bias=bias, device=device, dtype=dtype))
     set_kv_groups(model)
 
 
@@ -84,7 +113,8 @@ def register(model_type: str) -> tuple[type, dict[type, type]] | None:
 
         def __init__(self, config, *args, _stock=stock, **kwargs):
             _stock.__init__(self, config, *args, **kwargs)
-            apply_cut_shapes(self, getattr(config, "cut_shapes", None) or {})
+            apply_cut_shapes(self, getattr(config, "cut_shapes", None) or {},
+                             getattr(config, "factored_shapes", None) or {})
 
         cls = type(f"Cut{stock.__name__}", (stock,), {"config_class": config_cls, "__init__": __init__,
                                                       "__module__": __name__})
@@ -94,21 +124,24 @@ def register(model_type: str) -> tuple[type, dict[type, type]] | None:
     return _CLASSES[model_type]
 
 
-def to_cut_class(model: nn.Module, shapes: dict) -> None:
-    """Turn a stock model whose layers were cut in place into its registered cut variant, so that
-    ``save_pretrained`` writes ``model_type`` ``supernet-cut-<type>`` and ``cut_shapes``."""
+def to_cut_class(model: nn.Module, shapes: dict, factored: dict | None = None) -> None:
+    """Turn a stock model whose layers were cut (or factored) in place into its registered cut
+    variant, so that ``save_pretrained`` writes ``model_type`` ``supernet-cut-<type>`` and
+    ``cut_shapes`` (and ``factored_shapes``)."""
     from supernet.errors import SupernetError
 
     model_type = model.config.model_type
     found = register(model_type)
     if found is None or type(model) not in found[1]:
-        raise SupernetError(f"per-block widths of a {type(model).__name__} cannot be exported: supernet registers cut "
-                            f"variants of {', '.join(CUT_TYPES)} models only")
+        raise SupernetError(f"per-block widths or factored layers of a {type(model).__name__} cannot be exported: "
+                            f"supernet registers cut variants of {', '.join(CUT_TYPES)} models only")
     config_cls, models = found
     data = model.config.to_dict()
     data.pop("model_type", None)
     config = config_cls(**data)
     config.cut_shapes = {n: [int(s) for s in shape] for n, shape in shapes.items()}
+    if factored:
+        config.factored_shapes = {n: [int(s) for s in shape] for n, shape in factored.items()}
     config._attn_implementation = model.config._attn_implementation
     model.config = config
     model.__class__ = models[type(model)]

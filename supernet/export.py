@@ -169,6 +169,12 @@ def _prepare_merged(net: SuperNetwork, config: Config, tokenizer: Any) -> Staged
             "load": f"{model_class.__name__}.from_pretrained(folder)" if stock else
             f"import supernet.cut_models, then {model_class.__name__}.from_pretrained(folder) (per-block shapes in "
             "config.json cut_shapes)"}
+    factored = getattr(model.config, "factored_shapes", None)
+    if factored:  # JACTUS: each adapted layer ships as two factors
+        extra["factored"] = {"layers": len(factored), "weights": sum(r * (o + i) for o, r, i in factored.values()),
+                             "original_weights": sum(o * i for o, _, i in factored.values()),
+                             "load": f"import supernet.cut_models, then {model_class.__name__}.from_pretrained(folder) "
+                                     "(factored_shapes in config.json)"}
     del model
     return Staged(write=lambda d: _save(held.pop(), tokenizer, d),
                   verify=lambda d, x, ref: verify_merged(d, model_class, keys, device, dtype, x, ref),

@@ -151,6 +151,9 @@ class SuperNetConfig:
         """The ``jactus`` settings: refused for another kind, validated and defaulted for it."""
         given = {"--union": self.union, "--thresholds": self.thresholds, "--core-fractions": self.core_fractions,
                  "--budget": self.retain}
+        if self.adapter == "jactus" and (self.widths or self.heads):
+            raise SupernetError("--adapter jactus replaces each weight by factors of its own rank; it takes no "
+                                "--widths / --heads")
         if self.adapter != "jactus":
             for flag, value in given.items():
                 if value is not None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -152,7 +155,8 @@ def test_the_kind_computes_its_factors_and_nests_its_fractions():
 JACTUS = ["--adapter", "jactus", "--budget", "params=0.9", "--core-fractions", "1.0,0.5"]
 
 
-def test_jactus_trains_searches_exports_and_rebuilds(capsys, tiny_train_args, tmp_path):
+def test_jactus_trains_searches_exports_and_rebuilds(capsys, tiny_train_args, tiny_bert_dir, tmp_path):
+    from supernet import runfiles
     from supernet.loader import FROZEN_FILE, load_run
 
     code, _, err = cli(capsys, "train", *tiny_train_args, *JACTUS, "--name", "j")
@@ -170,11 +174,47 @@ def test_jactus_trains_searches_exports_and_rebuilds(capsys, tiny_train_args, tm
     code, _, err = cli(capsys, "search", "--run", run, "--objectives", "acc,macs", "--population", "2",
                        "--evaluations", "4", "--eval-samples", "16", "--name", "s")
     assert code == 0, err
+    with torch.no_grad():  # trained six steps: cores barely moved; randomised so that a wrong fold shows
+        g = torch.Generator().manual_seed(0)
+        weights = runfiles.load_tensors(runfiles.weights_path(run))
+        weights = {k: v + torch.randn(v.shape, generator=g) * 0.3 if k.endswith(".core") else v
+                   for k, v in weights.items()}
+        runfiles.save_tensors(runfiles.weights_path(run), weights)
     code, _, err = cli(capsys, "export", "--run", run, "--subnet", "min", "--format", "merged",
                        "--out", tmp_path / "merged")
     assert code == 0, err
     manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
     assert manifest["verification"]["max_abs_diff"] <= manifest["verification"]["tolerance"]
+    factored = manifest["factored"]
+    assert factored["weights"] < factored["original_weights"] and factored["layers"] == len(net.adapters)
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["model_type"] == "supernet-cut-bert" and len(config["factored_shapes"]) == len(net.adapters)
+    # a fresh process: transformers and the registered module class only, no super-network
+    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+    probe = ("import json, sys, torch; import supernet.cut_models; "
+             "from transformers import AutoModelForSequenceClassification as A; "
+             f"m = A.from_pretrained({str(tmp_path / 'merged')!r}).eval(); "
+             "assert 'supernet.network' not in sys.modules; "
+             f"ids = torch.tensor({ids.tolist()}); "
+             "print(json.dumps([sum(p.numel() for p in m.parameters()), "
+             "m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.tolist()]))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    params, logits = json.loads(res.stdout.strip().splitlines()[-1])
+    setup, _ = load_run(run)
+    net = setup.net
+    net.activate(net.min_config())
+    with torch.no_grad():
+        ours = net.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        net.activate(net.max_config())
+        largest = net.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert (torch.tensor(logits) - ours).abs().max() <= 1e-4
+    assert (ours - largest).abs().max() > 1e-3  # the fraction matters: the comparison can fail
+    from transformers import AutoModelForSequenceClassification
+
+    original = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir), num_labels=2)
+    assert params == manifest["shipped_params"] < sum(p.numel() for p in original.parameters())
     code, _, err = cli(capsys, "export", "--run", run, "--subnet", "max", "--format", "peft",
                        "--out", tmp_path / "peft")
     assert_refused(code, err, "cannot be written as a PEFT LoRA adapter")

@@ -146,6 +146,11 @@ class ElasticAdapter(nn.Module):
         """The kind's own persistent buffers (not the base's): what :meth:`calibrate` computed."""
         return {n: b for n, b in self._buffers.items() if b is not None and n not in self._non_persistent_buffers_set}
 
+    def export_layer(self, layer: nn.Module) -> nn.Module | None:
+        """The layer a merged export ships in place of ``layer`` (a copy of the base layer) at the
+        active choice; None (every kind but JACTUS): the update is merged into ``layer``'s weight."""
+        return None
+
     def lora_factors(self) -> LoraFactors:
         """This adapter as PEFT LoRA factors at the active choice; a kind that cannot says so."""
         raise SupernetError(f"adapters of kind {self.kind or type(self).__name__!r} cannot be written as a PEFT "

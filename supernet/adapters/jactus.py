@@ -164,6 +164,22 @@ class ElasticJactus(ElasticAdapter):
         h = F.linear(F.linear(x.to(left.dtype), right), core)
         return F.linear(h, left, None if self.base.bias is None else self.base.bias.to(left.dtype)).to(x.dtype)
 
+    @torch.no_grad()
+    def export_layer(self, layer: nn.Module) -> nn.Module:
+        """A :class:`~supernet.cut_models.FactoredLinear` at the active fraction: ``right[:k]`` and
+        ``left[:, :k] @ core[:k, :k]`` (the core folded into the left factor), the layer's bias."""
+        from supernet.cut_models import FactoredLinear
+
+        left, core, right = self.active_factors()
+        weight = self.base.layer.weight
+        new = FactoredLinear(self.in_features, self.out_features, right.shape[0], bias=self.base.bias is not None,
+                             device=weight.device, dtype=weight.dtype)
+        new.right.weight.copy_(right.to(weight.dtype))
+        new.left.weight.copy_((left @ core).to(weight.dtype))
+        if self.base.bias is not None:
+            new.left.bias.copy_(self.base.bias)
+        return new
+
     # ------------------------------------------------------------------ costs
     def adapter_params(self, choice: object = None) -> int:
         """Trained numbers: the ``k x k`` core."""
