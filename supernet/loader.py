@@ -346,6 +346,8 @@ def run_record(setup: Setup) -> dict:
         "size": {k: setup.net.size(c) for k, c in named.items()},
         "bases": {**base_summary(setup.net),
                   **({MASKS_FINGERPRINT: masks_fingerprint(setup.masks)} if setup.masks is not None else {})},
+        **({"adapters": summaries} if (summaries := {n: s for n, a in setup.net.adapters.items()
+                                                     if (s := a.summary())}) else {}),
     }
 
 

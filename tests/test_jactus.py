@@ -169,6 +169,7 @@ def test_jactus_trains_searches_exports_and_rebuilds(capsys, tiny_train_args, ti
     original = sum(a.in_features * a.out_features for a in net.adapters.values())
     kept = sum(a.rank * (a.in_features + a.out_features) for a in net.adapters.values())
     assert 0 < kept <= 0.9 * original
+    assert {n: s["rank"] for n, s in record["adapters"].items()} == {n: a.rank for n, a in net.adapters.items()}
     assert (run / FROZEN_FILE).is_file()
     assert record["macs"]["min"] < record["macs"]["max"]  # half the core: fewer MACs
     code, _, err = cli(capsys, "search", "--run", run, "--objectives", "acc,macs", "--population", "2",

@@ -146,6 +146,11 @@ class ElasticAdapter(nn.Module):
         """The kind's own persistent buffers (not the base's): what :meth:`calibrate` computed."""
         return {n: b for n, b in self._buffers.items() if b is not None and n not in self._non_persistent_buffers_set}
 
+    def summary(self) -> dict:
+        """What a run's ``config.json`` records of this adapter beyond the options (JACTUS: its
+        allocated rank); empty by default."""
+        return {}
+
     def export_layer(self, layer: nn.Module) -> nn.Module | None:
         """The layer a merged export ships in place of ``layer`` (a copy of the base layer) at the
         active choice; None (every kind but JACTUS): the update is merged into ``layer``'s weight."""

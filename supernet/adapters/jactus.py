@@ -164,6 +164,11 @@ class ElasticJactus(ElasticAdapter):
         h = F.linear(F.linear(x.to(left.dtype), right), core)
         return F.linear(h, left, None if self.base.bias is None else self.base.bias.to(left.dtype)).to(x.dtype)
 
+    def summary(self) -> dict:
+        """The allocated rank and the weight numbers it keeps, against the layer's."""
+        return {"rank": self.rank, "weights": self.retained_params(self.rank),
+                "original_weights": self.in_features * self.out_features}
+
     @torch.no_grad()
     def export_layer(self, layer: nn.Module) -> nn.Module:
         """A :class:`~supernet.cut_models.FactoredLinear` at the active fraction: ``right[:k]`` and
