@@ -1,13 +1,20 @@
 """Subspace-aware adapter kinds against LoRA, over seeds (MiniLM + Rotten Tomatoes).
 
-Variants, each a fixed-rank run (one rank, no elastic sampling) with the recipe of the other
-tables (400 steps of 16, lr 5e-4, alpha 32, alpha/r, every block projection adapted, the
-classifier and pooler trained whole):
+Variants, each a fixed run (no elastic sampling) with the recipe of the other tables (400 steps
+of 16, lr 5e-4, alpha 32, alpha/r, every block projection adapted, the classifier and pooler
+trained whole, 128 calibration sequences where a kind calibrates):
 
-- ``lora-r8`` and ``lora-r32``: LoRA at rank 8 and 32;
+- ``lora-r8``: LoRA at rank 8 on the whole base (100% of its weights);
 - ``nora-R64-r8``: NoRA (``--adapter nora --outer-rank 64 --ranks 8``): the outer pair from the
-  activation-aware SVD of each weight (128 calibration sequences), frozen; the inner pair
-  trained: ``2 * 64 * 8`` numbers per layer.
+  activation-aware SVD of each weight, frozen; the inner pair trained: ``2 * 64 * 8`` per layer;
+- ``jactus-80``: JACTUS (``--adapter jactus --budget params=0.8``, union ``W,x,g``, thresholds
+  0.95/0.9/0.9): every adapted weight replaced inside its union of subspaces, 80% of the adapted
+  weights kept, ranks allocated globally, the cores trained;
+- ``svd80-lora-r8``: compress then adapt at the same budget: each adapted weight truncated by a
+  plain SVD to the rank that keeps 80% of its numbers (``t = floor(0.8 in out / (in + out))``,
+  written as a model folder), then LoRA at rank 8 on it;
+- ``jactus-80-W``, ``jactus-80-Wx``, ``jactus-80-Wg``: the union ablation (training-time settings,
+  each a separately trained network: a core does not transfer between unions).
 
 Each run is scored on the whole test split (1,066 examples). Reported per variant: test accuracy
 mean and standard deviation over the seeds, with one evaluation's binomial standard error; the
@@ -33,11 +40,42 @@ from _common import RESULTS, append_row, machine, markdown_table, write_json, wr
 
 CSV = RESULTS / "adapter_kinds.csv"
 RECIPE = {"alpha": 32.0, "lr": 5e-4, "max_steps": 400, "batch_size": 16, "eval_every": 400, "save_every": 400}
+JACTUS = {"adapter": "jactus", "budget": "params=0.8"}
 VARIANTS = {
     "lora-r8": {"ranks": [8]},
-    "lora-r32": {"ranks": [32]},
     "nora-R64-r8": {"adapter": "nora", "outer_rank": 64, "ranks": [8]},
+    "jactus-80": JACTUS,
+    "svd80-lora-r8": {"ranks": [8], "model": "svd80"},
+    "jactus-80-W": {**JACTUS, "union": ["W"]},
+    "jactus-80-Wx": {**JACTUS, "union": ["W", "x"]},
+    "jactus-80-Wg": {**JACTUS, "union": ["W", "g"]},
 }
+SVD_SHARE = 0.8
+
+
+def svd_model(workdir: str) -> str:
+    """MiniLM with every adapted weight truncated by a plain SVD to 80% of its numbers (a model folder)."""
+    from pathlib import Path
+
+    from supernet.models import load_model
+    from supernet.network import default_targets, matches
+
+    out = Path(workdir) / "minilm-svd80"
+    if (out / "config.json").is_file():
+        return str(out)
+    model, tokenizer = load_model("minilm", "seq-cls", labels=["neg", "pos"])
+    patterns = default_targets(model)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and any(matches(name, p) for p in patterns):
+                w = module.weight.double()
+                out_f, in_f = w.shape
+                rank = int(SVD_SHARE * in_f * out_f // (in_f + out_f))
+                u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+                module.weight.copy_((u[:, :rank] * sv[:rank] @ vh[:rank]).to(module.weight.dtype))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
 
 
 def load() -> pd.DataFrame:
@@ -52,7 +90,10 @@ def run_one(variant: str, seed: int, workdir: str) -> None:
     df = load()
     if ((df["variant"] == variant) & (df["seed"] == seed)).any():
         return
-    cfg = TrainConfig(seed=seed, name=f"{variant}-s{seed}", out=workdir, **RECIPE, **VARIANTS[variant])
+    options = dict(VARIANTS[variant])
+    if options.get("model") == "svd80":
+        options["model"] = svd_model(workdir)
+    cfg = TrainConfig(seed=seed, name=f"{variant}-s{seed}", out=workdir, **RECIPE, **options)
     start = time.perf_counter()
     train(cfg, overwrite=True)
     seconds = time.perf_counter() - start
@@ -62,7 +103,13 @@ def run_one(variant: str, seed: int, workdir: str) -> None:
     setup, _ = load_run(cfg.run_dir(), weights=False)
     net = setup.net
     adapter = sum(a.adapter_params() for a in net.adapters.values())
+    original = sum(a.in_features * a.out_features for a in net.adapters.values())
+    kept = sum(a.summary().get("weights", a.in_features * a.out_features) for a in net.adapters.values())
+    if options.get("model", "").endswith("svd80"):
+        kept = sum(int(SVD_SHARE * a.in_features * a.out_features // (a.in_features + a.out_features))
+                   * (a.in_features + a.out_features) for a in net.adapters.values())
     append_row(CSV, {"variant": variant, "seed": seed, "accuracy": res["accuracy"], "loss": res["loss"],
+                     "retained_weights": kept / original, "macs": res.get("macs"),
                      "examples": res["examples"], "top_class_share": float(share), "stuck": bool(share >= 0.95),
                      "adapter_params": int(adapter), "trainable_params": int(net.trainable_params()),
                      "train_seconds": round(seconds, 1)})
@@ -84,15 +131,17 @@ def summarise() -> dict:
                      "trainable_params": int(g["trainable_params"].iloc[0]),
                      "adapter_share_of_lora_r8": float(g["adapter_params"].iloc[0] / lora.iloc[0])
                      if len(lora) else float("nan"),
+                     "retained_weights": float(g["retained_weights"].iloc[0]), "macs": float(g["macs"].iloc[0]),
                      "train_seconds": float(g["train_seconds"].median())})
     write_json(RESULTS / "adapter_kinds.json", {
         "setup": {"model": "all-MiniLM-L6-v2", "dataset": "rotten-tomatoes (test, 1066)", **RECIPE, **machine(),
                   "variants": VARIANTS}, "rows": rows})
     table = markdown_table(
         ["variant", "test accuracy (%) mean ± std", "one eval's s.e.", "adapter params", "share of LoRA r8",
-         "trainable (with head)", "stuck", "seeds", "train s (median)"],
+         "trainable (with head)", "adapted weights kept", "MACs (M)", "stuck", "seeds", "train s (median)"],
         [[r["variant"], f"{r['mean']:.2f} ± {r['std']:.2f}", f"{r['se_one_eval']:.2f}", f"{r['adapter_params']:,}",
-          f"{100 * r['adapter_share_of_lora_r8']:.1f}%", f"{r['trainable_params']:,}", r["stuck"], r["seeds"],
+          f"{100 * r['adapter_share_of_lora_r8']:.1f}%", f"{r['trainable_params']:,}",
+          f"{100 * r['retained_weights']:.0f}%", f"{r['macs'] / 1e6:.0f}", r["stuck"], r["seeds"],
           f"{r['train_seconds']:.0f}"] for r in rows])
     write_markdown(RESULTS / "adapter_kinds.md", table)
     return {"rows": rows}
@@ -100,7 +149,7 @@ def summarise() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="lora-r8,nora-R64-r8,jactus-80,svd80-lora-r8")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--workdir", default=str(RESULTS.parent / "runs" / "bench-kinds"))
     ap.add_argument("--threads", type=int)
