@@ -59,6 +59,8 @@ class ElasticLoRA(ElasticAdapter):
     """
 
     kind = "lora"
+    #: the tensors an elastic-width cut slices: by their input columns, and by their output rows
+    cut_in, cut_out = "lora_A", "lora_B"
 
     def __init__(
         self,
@@ -172,12 +174,16 @@ class ElasticLoRA(ElasticAdapter):
 
     def cut_param(self, name: str, value: torch.Tensor, keep_in: torch.Tensor | None,
                   keep_out: torch.Tensor | None) -> torch.Tensor:
-        """``A`` keeps its kept input columns, ``B`` its kept output rows."""
-        if name == "lora_A" and keep_in is not None:
+        """``A`` keeps its kept input columns, ``B`` its kept output rows (:attr:`cut_in`, :attr:`cut_out`)."""
+        if name == self.cut_in and keep_in is not None:
             return value[:, keep_in.to(value.device)]
-        if name == "lora_B" and keep_out is not None:
+        if name == self.cut_out and keep_out is not None:
             return value[keep_out.to(value.device)]
         return value
+
+    def peft_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rank-``r`` pair ``(A, B)`` a PEFT LoRA adapter stores: the active factors."""
+        return self.active_factors()
 
     def lora_factors(self) -> LoraFactors:
         """``A[:r]``, ``B[:, :r]`` and the alpha PEFT needs for the trained scale.
@@ -185,7 +191,7 @@ class ElasticLoRA(ElasticAdapter):
         ``lora`` (alpha/r) is PEFT's own scaling; ``rora`` (alpha/sqrt(r)) is rsLoRA; ``fixed``
         (alpha/r_max) becomes ``alpha' = alpha * r / r_max`` so that ``alpha' / r`` is the trained scale.
         """
-        a, b = self.active_factors()
+        a, b = self.peft_pair()
         r, mode = self.active_rank, self.scaling_mode
         alpha = self.alpha * r / self.max_rank if mode == "fixed" else self.alpha
         return LoraFactors(a.detach(), b.detach(), float(alpha), mode == "rora", float(self.scaling))

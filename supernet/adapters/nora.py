@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from supernet.adapters.base import LoraFactors
 from supernet.adapters.lora import ElasticLoRA
 from supernet.dimensions import SCALINGS
 from supernet.errors import SupernetError
@@ -48,6 +47,7 @@ class ElasticNoRA(ElasticLoRA):
 
     kind = "nora"
     calibration = ("input_sq_norms",)
+    cut_in, cut_out = "outer_A", "outer_B"  # a width cut slices the outer pair; the inner pair is whole
 
     def __init__(
         self,
@@ -97,8 +97,9 @@ class ElasticNoRA(ElasticLoRA):
             return self.inner_A, self.inner_B
         return self.inner_A[:r], self.inner_B[:, :r]
 
-    def folded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A'[:r] A0`` ``(r, in)`` and ``B0 B'[:, :r]`` ``(out, r)``: the update as a rank-``r`` LoRA pair."""
+    def peft_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A'[:r] A0`` ``(r, in)`` and ``B0 B'[:, :r]`` ``(out, r)``: the update as a rank-``r`` LoRA
+        pair, what the PEFT export stores (:meth:`ElasticLoRA.lora_factors` takes the scale as LoRA's)."""
         a, b = self.active_factors()
         return a @ self.outer_A, self.outer_B @ b
 
@@ -129,22 +130,6 @@ class ElasticNoRA(ElasticLoRA):
     def adapter_macs_per_token(self, choice: object = None) -> int:
         """The folded pair's: ``r (in + out)``."""
         return int(self.choices(choice)["rank"]) * (self.in_features + self.out_features)
-
-    def cut_param(self, name: str, value: torch.Tensor, keep_in: torch.Tensor | None,
-                  keep_out: torch.Tensor | None) -> torch.Tensor:
-        """``A0`` keeps its kept input columns, ``B0`` its kept output rows; the inner pair is whole."""
-        if name == "outer_A" and keep_in is not None:
-            return value[:, keep_in.to(value.device)]
-        if name == "outer_B" and keep_out is not None:
-            return value[keep_out.to(value.device)]
-        return value
-
-    def lora_factors(self) -> LoraFactors:
-        """The folded pair and the alpha PEFT needs for the trained scale (as :class:`ElasticLoRA`)."""
-        a, b = self.folded_factors()
-        r, mode = self.active_rank, self.scaling_mode
-        alpha = self.alpha * r / self.max_rank if mode == "fixed" else self.alpha
-        return LoraFactors(a.detach(), b.detach(), float(alpha), mode == "rora", float(self.scaling))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, outer_rank={self.outer_rank}, "
