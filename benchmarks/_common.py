@@ -97,3 +97,45 @@ def write_markdown(path: Path, lines: list[str]) -> None:
     """Write a benchmark's markdown summary and print it."""
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def train_and_score(cfg) -> tuple[dict, dict, float, float]:
+    """Train ``cfg`` (from scratch), score its largest sub-network on the whole test split with a
+    predictions file; returns the training summary, the evaluation, the share of the most
+    predicted class (a run stuck at the majority class predicts one class for >= 95%) and the
+    training seconds. The predictions file is removed; the run folder is left to the caller."""
+    import pandas as pd
+
+    from supernet.commands.eval import eval_run
+    from supernet.train import train
+
+    start = time.perf_counter()
+    summary = train(cfg, overwrite=True)
+    seconds = time.perf_counter() - start
+    preds = cfg.run_dir().with_name(cfg.run_dir().name + "-predictions.csv")
+    res = eval_run(cfg.run_dir(), "max", "test", predictions=preds)
+    share = float(pd.read_csv(preds)["prediction"].value_counts(normalize=True).iloc[0])
+    preds.unlink()
+    return summary, res, share, seconds
+
+
+def variants_main(run_one, summarise, variants: str, seeds: str, workdir: str) -> None:
+    """The command line of a benchmark of variants over seeds: ``--variants``, ``--seeds``,
+    ``--workdir``, ``--threads``, ``--summarise-only``; every (seed, variant) is ``run_one``'s
+    (which skips what the results table holds), then ``summarise()``."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default=variants)
+    ap.add_argument("--seeds", default=seeds)
+    ap.add_argument("--workdir", default=workdir)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--summarise-only", action="store_true")
+    args = ap.parse_args()
+    if not args.summarise_only:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for variant in args.variants.split(","):
+                run_one(variant, seed, args.workdir)
+    summarise()

@@ -29,14 +29,21 @@ Writes results/adapter_kinds.csv (one row per run, resumable), .json and .md.
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
-import time
 
 import pandas as pd
 import torch
-from _common import RESULTS, append_row, machine, markdown_table, write_json, write_markdown
+from _common import (
+    RESULTS,
+    append_row,
+    machine,
+    markdown_table,
+    train_and_score,
+    variants_main,
+    write_json,
+    write_markdown,
+)
 
 CSV = RESULTS / "adapter_kinds.csv"
 RECIPE = {"alpha": 32.0, "lr": 5e-4, "max_steps": 400, "batch_size": 16, "eval_every": 400, "save_every": 400}
@@ -83,9 +90,8 @@ def load() -> pd.DataFrame:
 
 
 def run_one(variant: str, seed: int, workdir: str) -> None:
-    from supernet.commands.eval import eval_run
     from supernet.loader import load_run
-    from supernet.train import TrainConfig, train
+    from supernet.train import TrainConfig
 
     df = load()
     if ((df["variant"] == variant) & (df["seed"] == seed)).any():
@@ -94,12 +100,7 @@ def run_one(variant: str, seed: int, workdir: str) -> None:
     if options.get("model") == "svd80":
         options["model"] = svd_model(workdir)
     cfg = TrainConfig(seed=seed, name=f"{variant}-s{seed}", out=workdir, **RECIPE, **options)
-    start = time.perf_counter()
-    train(cfg, overwrite=True)
-    seconds = time.perf_counter() - start
-    preds = cfg.run_dir().with_name(cfg.run_dir().name + "-predictions.csv")
-    res = eval_run(cfg.run_dir(), "max", "test", predictions=preds)
-    share = pd.read_csv(preds)["prediction"].value_counts(normalize=True).iloc[0]
+    _, res, share, seconds = train_and_score(cfg)
     setup, _ = load_run(cfg.run_dir(), weights=False)
     net = setup.net
     adapter = sum(a.adapter_params() for a in net.adapters.values())
@@ -114,7 +115,6 @@ def run_one(variant: str, seed: int, workdir: str) -> None:
                      "adapter_params": int(adapter), "trainable_params": int(net.trainable_params()),
                      "train_seconds": round(seconds, 1)})
     shutil.rmtree(cfg.run_dir(), ignore_errors=True)
-    preds.unlink()
 
 
 def summarise() -> dict:
@@ -148,20 +148,8 @@ def summarise() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default="lora-r8,nora-R64-r8,jactus-80,svd80-lora-r8")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--workdir", default=str(RESULTS.parent / "runs" / "bench-kinds"))
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("--summarise-only", action="store_true")
-    args = ap.parse_args()
-    if not args.summarise_only:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            for variant in args.variants.split(","):
-                run_one(variant, seed, args.workdir)
-    summarise()
+    variants_main(run_one, summarise, "lora-r8,nora-R64-r8,jactus-80,svd80-lora-r8", "0,1,2",
+                  str(RESULTS.parent / "runs" / "bench-kinds"))
 
 
 if __name__ == "__main__":

@@ -23,14 +23,11 @@ Writes results/stuck.csv (resumable), results/stuck.json and results/stuck.md.
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
-import time
 
 import pandas as pd
-import torch
-from _common import RESULTS, TARGETS, append_row, machine, write_json
+from _common import RESULTS, TARGETS, append_row, machine, train_and_score, variants_main, write_json
 
 CSV = RESULTS / "stuck.csv"
 VARIANTS = {
@@ -46,27 +43,20 @@ def load() -> pd.DataFrame:
 
 
 def run_one(variant: str, seed: int, workdir: str) -> None:
-    from supernet.commands.eval import eval_run
-    from supernet.train import TrainConfig, train
+    from supernet.train import TrainConfig
 
     df = load()
     if ((df["variant"] == variant) & (df["seed"] == seed)).any():
         return
     cfg = TrainConfig(seed=seed, name=f"{variant}-s{seed}", out=workdir, eval_every=100, save_every=400,
                       **RECIPE, **VARIANTS[variant])
-    t = time.perf_counter()
-    summary = train(cfg, overwrite=True)
-    seconds = time.perf_counter() - t
-    preds = cfg.run_dir().with_name(cfg.run_dir().name + "-predictions.csv")
-    res = eval_run(cfg.run_dir(), "max", "test", predictions=preds)
-    share = pd.read_csv(preds)["prediction"].value_counts(normalize=True).iloc[0]
+    summary, res, share, seconds = train_and_score(cfg)
     val = {r["subnet"]: r["accuracy"] for r in summary["validation"]}
     append_row(CSV, {"variant": variant, "seed": seed, "accuracy": res["accuracy"], "loss": res["loss"],
                      "examples": res["examples"], "top_class_share": float(share), "stuck": bool(share >= 0.95),
                      "val_accuracy": val.get("max"), "trainable_params": res.get("trainable_params"),
                      "train_seconds": round(seconds, 1)})
     shutil.rmtree(cfg.run_dir(), ignore_errors=True)
-    preds.unlink()
 
 
 def summarise() -> dict:
@@ -92,20 +82,7 @@ def summarise() -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--workdir", default=str(RESULTS.parent / "runs" / "bench-stuck"))
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("--summarise-only", action="store_true")
-    args = ap.parse_args()
-    if not args.summarise_only:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            for variant in args.variants.split(","):
-                run_one(variant, seed, args.workdir)
-    summarise()
+    variants_main(run_one, summarise, ",".join(VARIANTS), "0,1,2,3,4", str(RESULTS.parent / "runs" / "bench-stuck"))
 
 
 if __name__ == "__main__":

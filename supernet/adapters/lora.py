@@ -79,17 +79,19 @@ class ElasticLoRA(ElasticAdapter):
             raise SupernetError(
                 f"rank {max_rank} exceeds the layer size {self.out_features}x{self.in_features}"
             )
-        if scaling not in SCALINGS:
-            raise SupernetError(f"unknown scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
-        self.max_rank = max_rank
-        self.alpha = float(alpha)
-        self.default_scaling = scaling
+        self._set_scale(max_rank, alpha, scaling)
         device = self.base.layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(max_rank, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, max_rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.active = self.largest()
+
+    def _set_scale(self, max_rank: int, alpha: float, scaling: str) -> None:
+        """``r_max``, alpha and the scaling mode (checked): what :attr:`scaling` reads."""
+        if scaling not in SCALINGS:
+            raise SupernetError(f"unknown scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+        self.max_rank, self.alpha, self.default_scaling = max_rank, float(alpha), scaling
 
     # ------------------------------------------------------------------ the kind's interface
     @classmethod

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from supernet.adapters.lora import ElasticLoRA
-from supernet.dimensions import SCALINGS
 from supernet.errors import SupernetError
 
 #: The outer rank when ``--outer-rank`` is not given.
@@ -62,11 +61,8 @@ class ElasticNoRA(ElasticLoRA):
     ) -> None:
         super(ElasticLoRA, self).__init__(base, merge, dropout)
         check_ranks(outer_rank, max_rank, self.in_features, self.out_features)
-        if scaling not in SCALINGS:
-            raise SupernetError(f"unknown scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
-        self.outer_rank, self.max_rank = outer_rank, max_rank
-        self.alpha = float(alpha)
-        self.default_scaling = scaling
+        self.outer_rank = outer_rank
+        self._set_scale(max_rank, alpha, scaling)
         device = self.base.layer.weight.device
         self.register_buffer("outer_B", torch.zeros(self.out_features, outer_rank, dtype=dtype, device=device))
         self.register_buffer("outer_A", torch.zeros(outer_rank, self.in_features, dtype=dtype, device=device))
