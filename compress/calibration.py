@@ -5,7 +5,7 @@ path). Memory is bounded: each layer keeps a running sum of ``(in,)`` (squared n
 the activations. Padding tokens are left out when the batch carries an ``attention_mask``.
 
 :func:`layer_statistics` gathers more, for the subspace-aware adapter kinds (NoRA, JACTUS;
-``docs/METHODS.md`` section 3), in the same bounded way: besides the squared input norms, the
+``docs/METHODS.md`` section 5), in the same bounded way: besides the squared input norms, the
 input covariance ``C_x = E[x x^T]`` (``in x in``) from the same forward hooks, and the covariance
 of the gradient at the layer's output ``C_g = E[g g^T]`` (``out x out``) from hooks on the output
 tensors during a backward pass of the model's own loss (the batches then carry ``labels``).

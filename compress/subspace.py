@@ -1,4 +1,4 @@
-"""Subspaces of a weight from calibration statistics (``docs/METHODS.md`` section 3).
+"""Subspaces of a weight from calibration statistics (``docs/METHODS.md`` section 5).
 
 :func:`awsvd` is the activation-aware SVD of NoRA: with ``S = diag(a)``, ``a_j`` the scale of input
 feature ``j``, ``W S = U Sigma V^T`` and ``W ~ U_r Sigma_r V_r^T S^{-1}``. Its error in the spectral
@@ -119,7 +119,7 @@ class UnionFactors:
 def union_factors(weight: torch.Tensor, input_cov: torch.Tensor, grad_cov: torch.Tensor | None,
                   thresholds: dict[str, float], union: tuple[str, ...] = UNION_PARTS,
                   eps: float = 1e-6) -> UnionFactors:
-    """JACTUS' steps 1-4 for one layer (``docs/METHODS.md`` section 3).
+    """JACTUS' steps 1-4 for one layer (``docs/METHODS.md`` section 5).
 
     ``U_w, V_w`` from the SVD of ``W`` truncated at the energy threshold ``thresholds["W"]`` (``k_w``);
     ``V_x`` from ``C_x`` at ``thresholds["x"]`` (``k_i``) and ``U_g`` from ``C_g`` at

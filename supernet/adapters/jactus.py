@@ -1,6 +1,6 @@
 """The ``jactus`` adapter kind: a task-aware union of subspaces with a trainable core (JACTUS).
 
-JACTUS (``docs/METHODS.md`` section 3) compresses and adapts at once. Before training, from the
+JACTUS (``docs/METHODS.md`` section 5) compresses and adapts at once. Before training, from the
 calibration batches (:func:`supernet.compress.calibration.layer_statistics`: the input covariance
 ``C_x`` and the covariance ``C_g`` of the loss gradient at the layer's output), each layer's frozen
 weight ``W`` is replaced by ``left @ core @ right`` inside the union of its top singular

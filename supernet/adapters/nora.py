@@ -1,6 +1,6 @@
 """The ``nora`` adapter kind: nested LoRA (NoRA) from an activation-aware SVD, elastic inner rank.
 
-NoRA (``docs/METHODS.md`` section 3): an outer pair, frozen, from the activation-aware SVD of the
+NoRA (``docs/METHODS.md`` section 5): an outer pair, frozen, from the activation-aware SVD of the
 frozen weight, ``B0 = U_R Sigma_R`` ``(out, R)`` and ``A0 = V_R^T S^{-1}`` ``(R, in)``
 (:func:`supernet.compress.subspace.awsvd`, ``R`` the outer rank, ``S`` the root mean square of each
 input feature over the calibration tokens), and a trainable inner pair ``B' (R, r')``, ``A' (r', R)``:
