@@ -119,10 +119,11 @@ def train_and_score(cfg) -> tuple[dict, dict, float, float]:
     return summary, res, share, seconds
 
 
-def variants_main(run_one, summarise, variants: str, seeds: str, workdir: str) -> None:
+def variants_main(run_one, summarise, variants: str, seeds: str, workdir: str, timing=None) -> None:
     """The command line of a benchmark of variants over seeds: ``--variants``, ``--seeds``,
-    ``--workdir``, ``--threads``, ``--summarise-only``; every (seed, variant) is ``run_one``'s
-    (which skips what the results table holds), then ``summarise()``."""
+    ``--workdir``, ``--threads``, ``--summarise-only`` (and ``--timing`` when ``timing`` is given:
+    ``timing()`` instead of training, on a machine left alone); every (seed, variant) is
+    ``run_one``'s (which skips what the results table holds), then ``summarise()``."""
     import argparse
 
     ap = argparse.ArgumentParser()
@@ -131,10 +132,14 @@ def variants_main(run_one, summarise, variants: str, seeds: str, workdir: str) -
     ap.add_argument("--workdir", default=workdir)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--summarise-only", action="store_true")
+    if timing is not None:
+        ap.add_argument("--timing", action="store_true")
     args = ap.parse_args()
-    if not args.summarise_only:
-        if args.threads:
-            torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if getattr(args, "timing", False):
+        timing()
+    elif not args.summarise_only:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for variant in args.variants.split(","):
                 run_one(variant, seed, args.workdir)

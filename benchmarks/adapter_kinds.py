@@ -22,9 +22,12 @@ adapter's trained parameters (without the head, the same for every variant) and 
 training seconds (two runs share the machine's two cores, so these are rough). A run that
 predicts one class for at least 95% of the test examples is marked stuck.
 
-Writes results/adapter_kinds.csv (one row per run, resumable), .json and .md.
+Writes results/adapter_kinds.csv (one row per run, resumable), .json and .md; ``--timing`` (on a
+machine left alone) writes results/adapter_kinds_speed.json: the JACTUS export's CPU speed-up and
+size against the original model.
 
     python benchmarks/adapter_kinds.py [--variants lora-r8,nora-R64-r8] [--seeds 0,1,2] [--threads 1]
+    python benchmarks/adapter_kinds.py --timing --threads 1
 """
 
 from __future__ import annotations
@@ -147,9 +150,37 @@ def summarise() -> dict:
     return {"rows": rows}
 
 
+def timing(repeats: int = 20) -> None:
+    """The JACTUS export's CPU speed and size against the original MiniLM: the factored model of a
+    ``jactus-80`` network (seed 0's allocation; a speed depends on the shapes only, so the cores
+    are left untrained), each against the original, alternately, in this one process; batch 1 and
+    32 of 64 tokens. Writes results/adapter_kinds_speed.json."""
+    from supernet.evaluator import compare_speed
+    from supernet.export_core import merged_model
+    from supernet.loader import TrainConfig, build
+    from supernet.models import load_model
+
+    net = build(TrainConfig(**RECIPE, **JACTUS)).net
+    model = merged_model(net, net.max_config())
+    original, _ = load_model("minilm", "seq-cls", labels=["neg", "pos"])
+    original.eval()
+    out = {"params": sum(p.numel() for p in model.parameters()),
+           "original_params": sum(p.numel() for p in original.parameters()),
+           "adapted_weights": sum(r * (o + i) for o, r, i in model.config.factored_shapes.values()),
+           "original_adapted_weights": sum(o * i for o, _, i in model.config.factored_shapes.values()),
+           "threads": torch.get_num_threads(), "repeats": repeats}
+    with torch.no_grad():
+        for batch in (1, 32):
+            t = compare_speed(model.eval(), original, batch, 64, repeats)
+            out.update({f"speedup_b{batch}": t["speedup"], f"ms_b{batch}": 1e3 * t["seconds"],
+                        f"ms_original_b{batch}": 1e3 * t["original_seconds"]})
+    write_json(RESULTS / "adapter_kinds_speed.json", {"setup": machine(), **out})
+    print(out)
+
+
 def main() -> None:
     variants_main(run_one, summarise, "lora-r8,nora-R64-r8,jactus-80,svd80-lora-r8", "0,1,2",
-                  str(RESULTS.parent / "runs" / "bench-kinds"))
+                  str(RESULTS.parent / "runs" / "bench-kinds"), timing=timing)
 
 
 if __name__ == "__main__":
