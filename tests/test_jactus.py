@@ -181,9 +181,11 @@ def test_jactus_trains_searches_exports_and_rebuilds(capsys, tiny_train_args, ti
         weights = {k: v + torch.randn(v.shape, generator=g) * 0.3 if k.endswith(".core") else v
                    for k, v in weights.items()}
         runfiles.save_tensors(runfiles.weights_path(run), weights)
-    code, _, err = cli(capsys, "export", "--run", run, "--subnet", "min", "--format", "merged",
-                       "--out", tmp_path / "merged")
+    code, out, err = cli(capsys, "export", "--run", run, "--subnet", "min", "--format", "merged",
+                         "--out", tmp_path / "merged")
     assert code == 0, err
+    written = json.loads(out)["exports"][0]
+    assert written["model_params"] < written["original_params"] and "smaller model:" in err
     manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
     assert manifest["verification"]["max_abs_diff"] <= manifest["verification"]["tolerance"]
     factored = manifest["factored"]

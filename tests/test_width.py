@@ -244,7 +244,7 @@ def test_cli_trains_searches_and_exports_a_stock_loadable_cut(capsys, tmp_path, 
     assert code == 0, err
     written = json.loads(out)["exports"][0]
     assert written["model_params"] < written["original_params"] and written["speedup"] > 0
-    assert "cut model:" in err
+    assert "smaller model:" in err
     # a fresh process with stock transformers only: no supernet import, the cut config as written
     probe = ("import sys, torch; from transformers import AutoModelForCausalLM as A; "
              f"m = A.from_pretrained({str(export)!r}); "

@@ -41,8 +41,17 @@ VERIFY_EXAMPLES = 8
 SPEED_BATCH = 32  # the batch of the speed-up an elastic-width export reports
 
 
+def _shrinks(setup: Setup) -> bool:
+    """Whether a merged export is smaller than the original: cut widths, or layers an adapter kind
+    replaces (JACTUS' factors)."""
+    from supernet.adapters import ElasticAdapter
+
+    return setup.net.width is not None or any(type(a).export_layer is not ElasticAdapter.export_layer
+                                              for a in setup.net.adapters.values())
+
+
 def _speed(setup: Setup, config: dict) -> dict:
-    """Parameters of the cut model and of the original, and the measured speed-up (this machine)."""
+    """Parameters of the cut (or factored) model and of the original, and the measured speed-up (this machine)."""
     from supernet.evaluator import compare_speed
     from supernet.export_core import base_model_copy, merged_model
 
@@ -62,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"exported {e['name']} ({args.format}, {e['shipped_params']:,} parameters shipped{size}, verified: "
               f"max |diff| {e['max_abs_diff']:.2e}) to {e['path']}", file=sys.stderr)
         if "speedup" in e:
-            print(f"  cut model: {e['model_params']:,} parameters (original {e['original_params']:,}, "
+            print(f"  smaller model: {e['model_params']:,} parameters (original {e['original_params']:,}, "
                   f"{1 - e['model_params'] / e['original_params']:.1%} fewer), {e['speedup']:.2f}x the original's "
                   f"speed at batch {e['speed_batch']} x {e['speed_tokens']} tokens (measured here, median of 5)",
                   file=sys.stderr)
@@ -217,7 +226,7 @@ def export_command(run_dir: str | Path, subnet: str | None, fmt: str, out: str |
                 "config": json.dumps(config, sort_keys=True), "shipped_params": manifest["shipped_params"],
                 "macs": manifest.get("macs"), "bytes_on_disk": sum(manifest.get("size_on_disk", {}).values()) or None,
                 **_metadata(row, source), "max_abs_diff": manifest["verification"]["max_abs_diff"],
-                **(_speed(setup, config) if setup.net.width is not None and fmt == "merged" else {})}
+                **(_speed(setup, config) if fmt == "merged" and _shrinks(setup) else {})}
 
     if not pareto:
         written = [one(*jobs[0], target)]
