@@ -112,9 +112,12 @@ def target_layers(model: nn.Module, config: Any) -> dict[str, nn.Module]:
             f"target patterns {config.target_modules} match no linear module "
             f"(this model has e.g. {', '.join(linear)})"
         )
+    from supernet.adapters import adapter_kind
+
+    ranked = "rank" in adapter_kind(getattr(config, "adapter", "lora")).dimensions(config)  # not JACTUS' cores
     for n, m in targets.items():
         fan_in, fan_out = layer_shape(m)
-        if config.max_rank > min(fan_in, fan_out):
+        if ranked and config.max_rank > min(fan_in, fan_out):
             raise SupernetError(f"rank {config.max_rank} exceeds the size of {n} ({fan_out}x{fan_in})")
     return targets
 

@@ -240,3 +240,31 @@ def test_bad_jactus_settings_end_as_one_line(capsys, tiny_train_args, tmp_path, 
     code, _, err = cli(capsys, "train", *tiny_train_args, *flags, "--name", "bad")
     assert_refused(code, err, message)
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_a_llama_jactus_network_exports_factored_layers_equal_to_it(tmp_path):
+    """Grouped-query attention (K/V narrower than Q), a causal-LM loss for C_g, factored Llama layers."""
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from supernet.adapters.calibrate import calibrate_adapters
+    from supernet.export import export_merged
+    from supernet.network import SuperNetConfig, SuperNetwork, default_targets
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    net = SuperNetwork(model, SuperNetConfig(target_modules=default_targets(model), adapter="jactus", retain=0.9,
+                                             core_fractions=[1.0, 0.5]))
+    ids = torch.randint(1, 1000, (4, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    frozen = calibrate_adapters(net, lambda: [batch], None)
+    assert frozen and all(a.rank > 0 for a in net.adapters.values())
+    with torch.no_grad():
+        for a in net.adapters.values():
+            a.core.add_(torch.randn(a.rank, a.rank) * 0.2)
+    config = net.min_config()
+    manifest = export_merged(net, config, tmp_path / "m", batches=[{k: v for k, v in batch.items() if k != "labels"}])
+    assert manifest["verification"]["max_abs_diff"] <= manifest["verification"]["tolerance"]
+    shapes = json.loads((tmp_path / "m" / "config.json").read_text())["factored_shapes"]
+    k_proj = next(v for n, v in shapes.items() if n.endswith("k_proj"))
+    assert k_proj[0] == 16  # 2 KV heads of 8 dimensions: the factored K keeps its output width
