@@ -268,3 +268,31 @@ def test_a_llama_jactus_network_exports_factored_layers_equal_to_it(tmp_path):
     shapes = json.loads((tmp_path / "m" / "config.json").read_text())["factored_shapes"]
     k_proj = next(v for n, v in shapes.items() if n.endswith("k_proj"))
     assert k_proj[0] == 16  # 2 KV heads of 8 dimensions: the factored K keeps its output width
+
+
+@pytest.mark.parametrize("kind", [{"adapter": "jactus", "budget": "params=0.9", "core_fractions": [1.0, 0.5]},
+                                  {"adapter": "nora", "outer_rank": 16, "ranks": [8, 4]}])
+def test_a_calibrated_kind_resumes_exactly(tiny_bert_dir, tiny_csv, tmp_path, kind):
+    """The frozen state is read back (not calibrated again) and the optimizer state fits it."""
+    import pandas as pd
+    from test_train import Crash, tiny_cfg
+
+    from supernet import runfiles
+    from supernet.train import resume, train
+
+    full = tiny_cfg(tiny_bert_dir, tiny_csv, tmp_path, name="full", max_steps=8, save_every=4, **kind)
+    train(full)
+    broken = tiny_cfg(tiny_bert_dir, tiny_csv, tmp_path, name="broken", max_steps=8, save_every=4, **kind)
+
+    def crash(step, trainer):
+        if step == 6:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(broken, on_step=crash)
+    resume(broken.run_dir())
+    a = runfiles.load_tensors(full.run_dir() / runfiles.ADAPTER)
+    b = runfiles.load_tensors(broken.run_dir() / runfiles.ADAPTER)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_a, log_b = (pd.read_csv(r.run_dir() / "train_log.csv") for r in (full, broken))
+    assert list(log_a["config"]) == list(log_b["config"])
