@@ -70,10 +70,12 @@ def layer_statistics(
     fixed size: ``in``, ``in^2`` and ``out^2`` numbers per layer, never the activations).
 
     ``grad_cov`` runs a backward pass of the model's loss (``model(**batch).loss``, so the batches
-    must carry ``labels``); the gradient reaches the layers' outputs because their parameters are
-    made to require gradients for the pass (restored afterwards, their ``.grad`` dropped). The model
-    is in eval mode throughout (no dropout). Padding tokens are left out of every sum when the batch
-    carries an ``attention_mask``.
+    must carry ``labels``); the gradient reaches the layers' outputs because the input embeddings'
+    output is made to require gradients (no weight gradient is computed; a model without
+    ``get_input_embeddings`` has its target layers' parameters require gradients for the pass
+    instead, restored afterwards). The model is in eval mode throughout (no dropout); any ``.grad``
+    the pass leaves is dropped. Padding tokens are left out of every sum when the batch carries an
+    ``attention_mask``.
     """
     wanted = set(statistics)
     unknown = sorted(wanted - set(STATISTICS))
@@ -115,7 +117,11 @@ def layer_statistics(
         if grads:
             hooks.append(layer.register_forward_hook(post_hook))
     flags = {}
-    if grads:
+    embeddings = model.get_input_embeddings() if grads and hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:  # the activations carry the gradient: no weight gradient is formed
+        hooks.append(embeddings.register_forward_hook(
+            lambda mod, inputs, output: output.requires_grad_() if not output.requires_grad else None))
+    elif grads:
         for layer in layers.values():
             for p in layer.parameters():
                 flags.setdefault(p, p.requires_grad)

@@ -31,8 +31,8 @@ SUMMARY = "summary.json"
 MARKER = ".supernet-run"  # written first into every run folder: only such folders are ever replaced
 # What supernet itself writes into a run folder; --overwrite removes these and nothing else.
 OWN_ENTRIES = {MARKER, CONFIG, ADAPTER, SUMMARY, "train_log.csv", "eval_log.csv", CHECKPOINT, "compression.safetensors",
-               "width_order.safetensors", CHECKPOINT + ".tmp", CHECKPOINT + ".old", "search", "exports", "plots",
-               "fidelity"}
+               "width_order.safetensors", "adapter_frozen.safetensors", CHECKPOINT + ".tmp", CHECKPOINT + ".old",
+               "search", "exports", "plots", "fidelity"}
 
 
 def write_json(path: Path, data) -> None:

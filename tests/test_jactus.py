@@ -116,14 +116,27 @@ def _calibrated(shapes, seed=0):
 def test_jactus_allocation_never_exceeds_the_budget_and_favours_energy(retain):
     shapes = [(48, 32), (32, 48), (40, 40)]
     adapters = _calibrated(shapes)
+    union_ranks = {n: a.factors.energy.numel() for n, a in adapters.items()}
     ranks = allocate(adapters, retain)
     kept = sum(ranks[n] * (a.in_features + a.out_features) for n, a in adapters.items())
     assert kept <= retain * sum(o * i for o, i in shapes)
-    assert all(r >= RANK_STEP and r % RANK_STEP == 0 or r == a.core.shape[0] for r, a in
-               zip(ranks.values(), adapters.values(), strict=True))
+    assert all(r >= RANK_STEP and r % RANK_STEP == 0 or r == union_ranks[n] for n, r in ranks.items())
+    assert all(r <= union_ranks[n] for n, r in ranks.items())
     assert all(a.rank == ranks[n] and a.left.shape == (a.out_features, a.rank) for n, a in adapters.items())
     # the layer with 3x the weights' scale (l2) captures the most energy per step: it gets the largest rank
     assert ranks["l2"] == max(ranks.values())
+
+
+def test_a_model_without_a_registered_factored_class_is_refused_before_calibration():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from supernet.errors import SupernetError
+    from supernet.network import SuperNetConfig, SuperNetwork, default_targets
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=100, n_positions=32))
+    net = SuperNetwork(model, SuperNetConfig(target_modules=default_targets(model), adapter="jactus"))
+    with pytest.raises(SupernetError, match="not 'gpt2'"):
+        ElasticJactus.check_calibration(net.adapters, net.config, model)
 
 
 def test_a_budget_below_one_step_per_layer_is_refused():

@@ -229,9 +229,13 @@ def test_nora_trains_searches_and_exports_and_its_peft_fold_loads_in_stock_peft(
     # the rebuild reads the outer pairs back: equal to what training used, and not zero
     from safetensors.torch import load_file
 
+    from supernet.loader import build, config_of_run
+
     saved = load_file(str(run / FROZEN_FILE))
+    fresh = build(config_of_run(record)).net.frozen_state_dict()  # what a calibration computes, again
     for key, t in setup.net.frozen_state_dict().items():
         torch.testing.assert_close(t, saved[key], rtol=0, atol=0)
+        torch.testing.assert_close(fresh[key], saved[key], rtol=1e-4, atol=1e-5)
         assert t.abs().max() > 0
     code, _, err = cli(capsys, "search", "--run", run, "--objectives", "acc,params", "--population", "2",
                        "--evaluations", "4", "--eval-samples", "16", "--name", "s")
@@ -288,6 +292,9 @@ def test_a_run_without_its_frozen_state_is_refused(capsys, tiny_train_args, tmp_
     from supernet.loader import FROZEN_FILE
 
     code, _, err = cli(capsys, "train", *tiny_train_args, *NORA, "--max-steps", "2", "--name", "n")
+    assert code == 0, err
+    # --overwrite replaces the run, its frozen state included (supernet wrote it)
+    code, _, err = cli(capsys, "train", *tiny_train_args, *NORA, "--max-steps", "2", "--name", "n", "--overwrite")
     assert code == 0, err
     (tmp_path / "runs" / "n" / FROZEN_FILE).unlink()
     code, _, err = cli(capsys, "eval", "--run", tmp_path / "runs" / "n")

@@ -124,7 +124,7 @@ class ElasticAdapter(nn.Module):
         raise NotImplementedError  # pragma: no cover - a kind that asks for statistics defines it
 
     @classmethod
-    def check_calibration(cls, adapters: Mapping[str, ElasticAdapter], options: Any) -> None:
+    def check_calibration(cls, adapters: Mapping[str, ElasticAdapter], options: Any, model: nn.Module) -> None:
         """Before the calibration pass: refuse settings that cannot work, while nothing has run yet."""
 
     @classmethod

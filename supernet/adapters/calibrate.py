@@ -31,9 +31,20 @@ def calibrate_adapters(net, batches, run_dir: str | Path | None,
         from supernet.compress.calibration import layer_statistics
 
         for kind in {type(a) for a in needed.values()}:
-            kind.check_calibration({n: a for n, a in needed.items() if type(a) is kind}, net.config)
+            kind.check_calibration({n: a for n, a in needed.items() if type(a) is kind}, net.config, net.model)
         wanted = sorted({s for a in needed.values() for s in a.calibration})
-        stats = layer_statistics(net.model, needed, batches(), wanted, progress=progress)
+        home = next(net.model.parameters()).device
+        device = torch.device("cuda") if torch.cuda.is_available() else home  # as Wanda's calibration
+        net.model.to(device)
+        try:
+            moved = [{k: v.to(device) for k, v in b.items()} for b in batches()]
+            stats = layer_statistics(net.model, needed, moved, wanted, progress=progress)
+        finally:
+            net.model.to(home)
+        for s in stats.values():  # the adapters compute on their own device
+            for field in ("input_sq_norms", "input_cov", "grad_cov"):
+                if getattr(s, field) is not None:
+                    setattr(s, field, getattr(s, field).to(home))
         for n, adapter in needed.items():
             adapter.calibrate(stats[n])
         for kind in {type(a) for a in needed.values()}:

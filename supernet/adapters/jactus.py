@@ -62,6 +62,7 @@ class ElasticJactus(ElasticAdapter):
             raise SupernetError("--adapter jactus replaces the frozen weight by its own factors: it takes a dense "
                                 "base and --adapter-merge plain (no --sparsity, --bits)")
         self.union = tuple(union)
+        self.calibration = ("input_cov", "grad_cov") if "g" in self.union else ("input_cov",)  # C_g only for g
         self.thresholds = dict(thresholds or DEFAULT_THRESHOLDS)
         self.fractions = list(fractions or [1.0])
         device = self.base.layer.weight.device
@@ -118,8 +119,15 @@ class ElasticJactus(ElasticAdapter):
         self.core = nn.Parameter(torch.diag(f.energy[:rank].sqrt()).to(self.left.dtype))
 
     @classmethod
-    def check_calibration(cls, adapters: dict[str, ElasticAdapter], options: Any) -> None:
-        """The budget must fit one rank step per layer (at most ``min(in, out)`` components each)."""
+    def check_calibration(cls, adapters: dict[str, ElasticAdapter], options: Any, model: nn.Module) -> None:
+        """The model's factored export must be loadable (a registered cut type), and the budget must
+        fit one rank step per layer (at most ``min(in, out)`` components each)."""
+        from supernet.cut_models import CUT_TYPES
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in CUT_TYPES:
+            raise SupernetError(f"--adapter jactus exports factored layers through supernet's registered model "
+                                f"classes, which cover {', '.join(CUT_TYPES)} models, not {model_type!r}")
         check_floor({n: min(RANK_STEP, a.in_features, a.out_features) for n, a in adapters.items()}, adapters,
                     options.retain)
 
@@ -130,6 +138,8 @@ class ElasticJactus(ElasticAdapter):
 
     def load_frozen(self, state: dict[str, torch.Tensor]) -> None:
         """The saved factors; the core takes their rank (its trained values are loaded after)."""
+        if state["left"].ndim != 2 or state["right"].ndim != 2:
+            raise SupernetError("saved JACTUS factors are not matrices; the run's frozen state is damaged")
         rank = state["left"].shape[1]
         if state["right"].shape != (rank, self.in_features) or state["left"].shape[0] != self.out_features:
             raise SupernetError(f"saved JACTUS factors of shapes {tuple(state['left'].shape)}, "
@@ -204,7 +214,7 @@ class ElasticJactus(ElasticAdapter):
 
     def nbytes(self, choice: object = None, merged: bool = False) -> int:
         bias = 0 if self.base.bias is None else self.base.bias.numel() * self.base.bias.element_size()
-        return self.shipped_params(choice) * self.left.element_size() + bias
+        return self.shipped_params(choice) * self.base.layer.weight.element_size() + bias  # shipped in its dtype
 
     def retained_params(self, rank: int) -> int:
         """The layer's weight numbers at rank ``rank`` (the budget's unit)."""
