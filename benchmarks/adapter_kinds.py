@@ -16,7 +16,7 @@ trained whole, 128 calibration sequences where a kind calibrates):
 - ``jactus-80-W``, ``jactus-80-Wx``, ``jactus-80-Wg``: the union ablation (training-time settings,
   each a separately trained network: a core does not transfer between unions).
 
-Each run is scored on the whole test split (1,066 examples). Reported per variant: test accuracy
+Each run is scored on the whole test split (2,562 examples). Reported per variant: test accuracy
 mean and standard deviation over the seeds, with one evaluation's binomial standard error; the
 adapter's trained parameters (without the head, the same for every variant) and in total; the
 training seconds (two runs share the machine's two cores, so these are rough). A run that
@@ -137,7 +137,7 @@ def summarise() -> dict:
                      "retained_weights": float(g["retained_weights"].iloc[0]), "macs": float(g["macs"].iloc[0]),
                      "train_seconds": float(g["train_seconds"].median())})
     write_json(RESULTS / "adapter_kinds.json", {
-        "setup": {"model": "all-MiniLM-L6-v2", "dataset": "rotten-tomatoes (test, 1066)", **RECIPE, **machine(),
+        "setup": {"model": "all-MiniLM-L6-v2", "dataset": "rotten-tomatoes (test, 2562)", **RECIPE, **machine(),
                   "variants": VARIANTS}, "rows": rows})
     table = markdown_table(
         ["variant", "test accuracy (%) mean ± std", "one eval's s.e.", "adapter params", "share of LoRA r8",
