@@ -59,6 +59,21 @@ class FactoredLinear(nn.Module):
     def forward(self, x):
         return self.left(self.right(x))
 
+    def factored_row(self) -> dict:
+        """What an export manifest says of this layer (as of a dense one: shape, numbers, bytes)."""
+        numel = self.right.weight.numel() + self.left.weight.numel()
+        return {"shape": [self.out_features, self.in_features], "rank": self.rank, "numel": numel,
+                "nonzeros": numel, "sparsity": 0.0, "bits": None, "group_size": None, "params": numel,
+                "bytes": numel * self.left.weight.element_size()}
+
+
+def install_factored(model: nn.Module, layers: dict[str, FactoredLinear]) -> None:
+    """Put factored layers into a stock model by name and turn it into its registered variant
+    (``factored_shapes`` in its config), so that ``from_pretrained`` rebuilds them."""
+    for name, new in layers.items():
+        _replace(model, name, lambda old, bias, device, dtype, new=new: new)
+    to_cut_class(model, {}, {n: [m.out_features, m.rank, m.in_features] for n, m in layers.items()})
+
 
 def _replace(model: nn.Module, name: str, make) -> None:
     parent_name, _, child = name.rpartition(".")

@@ -144,27 +144,22 @@ def merged_model(net: SuperNetwork, config: Mapping[str, object]) -> nn.Module:
     """
     with at_config(net, config) as config:
         model = base_model_copy(net)
-        factored = {}
+        replaced = {}  # layers a kind ships in place of its weight (JACTUS' factors)
         for name, adapter in net.adapters.items():
             layer = model.get_submodule(name)
-            new = adapter.export_layer(layer)
-            if new is None:
+            replaced[name] = adapter.export_layer(layer)
+            if replaced[name] is None:
                 merge_into(adapter, layer)
-                _check_finite("merged weight", name, layer.weight)
-                continue
-            for pname, p in new.named_parameters():
-                _check_finite("factored weight", f"{name}.{pname}", p)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-            factored[name] = [new.out_features, new.rank, new.in_features]
+            for pname, p in (replaced[name] or layer).named_parameters():
+                _check_finite("merged weight", f"{name}.{pname}", p)
         if net.width is not None:  # elastic width: the kept rows and columns only, in a stock config
             from supernet.width import cut_model
 
             cut_model(model, net.width, config)
-        if factored:  # factored layers (JACTUS): the registered variant that builds them
-            from supernet.cut_models import to_cut_class
+        if any(replaced.values()):  # the registered variant that builds the factored layers
+            from supernet.cut_models import install_factored
 
-            to_cut_class(model, {}, factored)
+            install_factored(model, {n: m for n, m in replaced.items() if m is not None})
     _check_heads(net, model)
     return model.eval()
 
@@ -302,11 +297,8 @@ def shipped_layers(net: SuperNetwork, model: nn.Module, fmt: str,
     for name, adapter in net.adapters.items():
         base: FrozenBase = (adapter.cut(*cuts[name]) if name in cuts else adapter).base
         layer = model.get_submodule(name)
-        if hasattr(layer, "rank") and hasattr(layer, "left"):  # a factored layer (JACTUS)
-            numel = sum(p.numel() for n, p in layer.named_parameters() if n.endswith("weight"))
-            out[name] = {"shape": [layer.out_features, layer.in_features], "rank": layer.rank, "numel": numel,
-                         "nonzeros": numel, "sparsity": 0.0, "bits": None, "group_size": None, "params": numel,
-                         "bytes": numel * layer.left.weight.element_size()}
+        if hasattr(layer, "factored_row"):  # a factored layer (JACTUS)
+            out[name] = layer.factored_row()
             continue
         w = linear_weight(layer).detach()
         nonzeros, numel = int((w != 0).sum()), w.numel()
