@@ -14,7 +14,9 @@ trained whole, 128 calibration sequences where a kind calibrates):
   plain SVD to the rank that keeps 80% of its numbers (``t = floor(0.8 in out / (in + out))``,
   written as a model folder), then LoRA at rank 8 on it;
 - ``jactus-80-W``, ``jactus-80-Wx``, ``jactus-80-Wg``: the union ablation (training-time settings,
-  each a separately trained network: a core does not transfer between unions).
+  each a separately trained network: a core does not transfer between unions);
+- ``lora-r8-lr2e-3``, ``nora-R64-r8-lr2e-3``: both at 4x the learning rate (whether NoRA's gap is
+  the shared rate).
 
 Each run is scored on the whole test split (2,562 examples). Reported per variant: test accuracy
 mean and standard deviation over the seeds, with one evaluation's binomial standard error; the
@@ -59,6 +61,9 @@ VARIANTS = {
     "jactus-80-W": {**JACTUS, "union": ["W"]},
     "jactus-80-Wx": {**JACTUS, "union": ["W", "x"]},
     "jactus-80-Wg": {**JACTUS, "union": ["W", "g"]},
+    # a learning-rate check: both kinds at 4x the rate (NoRA trains 9x fewer numbers than LoRA r8)
+    "lora-r8-lr2e-3": {"ranks": [8], "lr": 2e-3},
+    "nora-R64-r8-lr2e-3": {"adapter": "nora", "outer_rank": 64, "ranks": [8], "lr": 2e-3},
 }
 SVD_SHARE = 0.8
 
@@ -102,7 +107,7 @@ def run_one(variant: str, seed: int, workdir: str) -> None:
     options = dict(VARIANTS[variant])
     if options.get("model") == "svd80":
         options["model"] = svd_model(workdir)
-    cfg = TrainConfig(seed=seed, name=f"{variant}-s{seed}", out=workdir, **RECIPE, **options)
+    cfg = TrainConfig(seed=seed, name=f"{variant}-s{seed}", out=workdir, **{**RECIPE, **options})
     _, res, share, seconds = train_and_score(cfg)
     setup, _ = load_run(cfg.run_dir(), weights=False)
     net = setup.net
