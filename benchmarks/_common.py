@@ -144,3 +144,11 @@ def variants_main(run_one, summarise, variants: str, seeds: str, workdir: str, t
             for variant in args.variants.split(","):
                 run_one(variant, seed, args.workdir)
     summarise()
+
+
+def has_row(csv: Path, variant: str, seed: int) -> bool:
+    """Whether a variants-over-seeds table already holds ``(variant, seed)`` (a resumed benchmark skips it)."""
+    import pandas as pd
+
+    df = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=["variant", "seed"])
+    return bool(((df["variant"] == variant) & (df["seed"] == seed)).any())

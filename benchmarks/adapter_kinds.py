@@ -42,6 +42,7 @@ import torch
 from _common import (
     RESULTS,
     append_row,
+    has_row,
     machine,
     markdown_table,
     train_and_score,
@@ -101,8 +102,7 @@ def run_one(variant: str, seed: int, workdir: str) -> None:
     from supernet.loader import load_run
     from supernet.train import TrainConfig
 
-    df = load()
-    if ((df["variant"] == variant) & (df["seed"] == seed)).any():
+    if has_row(CSV, variant, seed):
         return
     options = dict(VARIANTS[variant])
     if options.get("model") == "svd80":

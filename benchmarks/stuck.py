@@ -27,7 +27,7 @@ import math
 import shutil
 
 import pandas as pd
-from _common import RESULTS, TARGETS, append_row, machine, train_and_score, variants_main, write_json
+from _common import RESULTS, TARGETS, append_row, has_row, machine, train_and_score, variants_main, write_json
 
 CSV = RESULTS / "stuck.csv"
 VARIANTS = {
@@ -45,8 +45,7 @@ def load() -> pd.DataFrame:
 def run_one(variant: str, seed: int, workdir: str) -> None:
     from supernet.train import TrainConfig
 
-    df = load()
-    if ((df["variant"] == variant) & (df["seed"] == seed)).any():
+    if has_row(CSV, variant, seed):
         return
     cfg = TrainConfig(seed=seed, name=f"{variant}-s{seed}", out=workdir, eval_every=100, save_every=400,
                       **RECIPE, **VARIANTS[variant])
