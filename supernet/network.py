@@ -132,12 +132,9 @@ class SuperNetConfig:
         if self.outer_rank is not None:
             if self.adapter != "nora":
                 raise SupernetError(f"--outer-rank applies to --adapter nora only, not {self.adapter!r}")
-            if isinstance(self.outer_rank, bool) or not isinstance(self.outer_rank, (int, np.integer)) \
-                    or self.outer_rank <= 0:
-                raise SupernetError(f"--outer-rank must be a positive whole number, got {self.outer_rank!r}")
-            if self.ranks and max(self.ranks) > self.outer_rank:
-                raise SupernetError(f"the largest rank {max(self.ranks)} exceeds --outer-rank {self.outer_rank}; "
-                                    f"choose ranks of at most {self.outer_rank}")
+            from supernet.adapters.nora import check_ranks
+
+            check_ranks(self.outer_rank, max(self.ranks))
         if not 0.0 <= self.dropout < 1.0:
             raise SupernetError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.merge not in MERGES:

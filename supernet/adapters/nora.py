@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,13 +134,15 @@ class ElasticNoRA(ElasticLoRA):
                 f"scaling={self.scaling_mode}, merge={self.merge}")
 
 
-def check_ranks(outer_rank: object, max_rank: int, in_features: int, out_features: int) -> None:
-    """The outer rank is a whole number from the largest inner rank to the layer's smaller side."""
-    if isinstance(outer_rank, bool) or not isinstance(outer_rank, int) or outer_rank <= 0:
+def check_ranks(outer_rank: object, max_rank: int, in_features: int | None = None,
+                out_features: int | None = None) -> None:
+    """The outer rank is a whole number from the largest inner rank to the layer's smaller side (the
+    one validator of ``--outer-rank``: the options check it without a layer, each adapter with its own)."""
+    if isinstance(outer_rank, bool) or not isinstance(outer_rank, (int, np.integer)) or outer_rank <= 0:
         raise SupernetError(f"--outer-rank must be a positive whole number, got {outer_rank!r}")
-    if outer_rank > min(in_features, out_features):
+    if max_rank > outer_rank:
+        raise SupernetError(f"the largest rank {max_rank} exceeds --outer-rank {outer_rank}; choose ranks "
+                            f"of at most {outer_rank}")
+    if in_features is not None and outer_rank > min(in_features, out_features):
         raise SupernetError(f"--outer-rank {outer_rank} exceeds the layer size {out_features}x{in_features}; "
                             f"choose at most {min(in_features, out_features)}")
-    if max_rank > outer_rank:
-        raise SupernetError(f"the largest inner rank {max_rank} exceeds --outer-rank {outer_rank}; choose ranks "
-                            f"of at most {outer_rank}")
